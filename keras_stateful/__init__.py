@@ -1,0 +1,13 @@
+"""keras_stateful: Keras 3 layers whose state is updated in training, not by gradients.
+
+The base class `StatefulLayer` makes the update correct on JAX, TensorFlow and
+PyTorch; `keras_stateful.layers` holds the layers built on it, and
+`keras_stateful.testing.check_state_contract` checks any such layer.
+"""
+
+from keras_stateful import layers
+from keras_stateful.stateful_layer import StatefulLayer
+
+__version__ = "0.1.0"
+
+__all__ = ["StatefulLayer", "__version__", "layers"]

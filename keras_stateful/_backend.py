@@ -1,0 +1,128 @@
+"""Everything that differs between JAX, TensorFlow and PyTorch, in one place.
+
+Layer files speak `keras.ops` only. This module is the only one in the package
+that branches on `keras.backend.backend()` or imports from `keras.src`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import keras
+from keras.src.backend.common import global_state
+from keras.src.backend.common.stateless_scope import in_stateless_scope
+from keras.src.backend.common.variables import AutocastScope
+
+from keras_stateful.types import Tensor
+
+BACKEND: str = keras.backend.backend()
+
+
+def read_value(variable: keras.Variable) -> Tensor:
+    """The current value of `variable` as a plain tensor, never the variable.
+
+    On TensorFlow `ops.convert_to_tensor(variable)` hands back the
+    `tf.Variable` itself, and assigning an expression built on it to the same
+    variable recurses; reading through here gives a tensor on every backend.
+    """
+    value = variable.value
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.convert_to_tensor(value)
+    return value
+
+
+def assign(variable: keras.Variable, value: Tensor) -> None:
+    """`variable.assign(value)`, with any autocast scope switched off.
+
+    Under mixed precision on PyTorch, an autocast variable's `assign` writes
+    into a float16 copy and the update is lost without an error; assigning
+    with autocasting off always writes the stored variable.
+    """
+    with AutocastScope(None):
+        variable.assign(value)
+
+
+def cross_replica_sum(x: Tensor) -> Tensor:
+    """Sum `x` over all replicas of a data-parallel run.
+
+    Layers pass the sufficient statistics of their update (sums, counts)
+    through this before they compute the new state. On one device it returns
+    `x` unchanged. On JAX with `keras.distribution`, a reduction over a
+    globally sharded batch is already global, so this stays the identity.
+    """
+    return x
+
+
+def current_training_flag() -> Any:
+    """The `training` value of the Keras layer call now running, or None."""
+    call_context = global_state.get_global_attribute("current_call_ctx")
+    if call_context is None:
+        return None
+    return call_context.get_value("training")
+
+
+def check_assignable(value: Tensor, layer_name: str) -> None:
+    """Refuse to store a JAX tracer in a variable outside a stateless scope.
+
+    `layer(x, training=True)` inside a user's own `jax.jit` would otherwise
+    leave a tracer in the variable and fail later, far from the cause.
+    """
+    if BACKEND != "jax" or in_stateless_scope():
+        return
+    import jax
+
+    if isinstance(value, jax.core.Tracer):
+        raise RuntimeError(
+            f"Layer '{layer_name}' was called with training=True inside a "
+            "jax transformation (jax.jit, jax.grad, ...) outside a Keras "
+            "stateless scope, so its state update would leave a tracer in a "
+            "variable. Inside your own jitted function call\n"
+            "    outputs, non_trainable_values = layer.stateless_call(\n"
+            "        trainable_values, non_trainable_values, x, training=True)\n"
+            "and return the new non-trainable values instead (or use "
+            "`model.fit`, which does this for you)."
+        )
+
+
+@contextlib.contextmanager
+def protect_state_reads(variables: Iterable[keras.Variable]) -> Iterator[None]:
+    """Let a layer read its state in differentiable ops and then update it.
+
+    PyTorch saves some inputs of an op for its backward pass and refuses to
+    run backward once such a tensor was modified in place ("one of the
+    variables needed for gradient computation has been modified by an inplace
+    operation"). While this context is open, any state tensor that autograd
+    saves is saved as a copy, so the in-place update that follows is safe and
+    the gradient uses the value the forward pass saw, as on JAX and
+    TensorFlow. The copy is made only for tensors autograd actually saves.
+    Elsewhere this does nothing.
+    """
+    if BACKEND != "torch":
+        yield
+        return
+    import torch
+
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # No graph is recorded, or the compiler functionalises the update.
+        yield
+        return
+    storages = {
+        variable.value.untyped_storage().data_ptr()
+        for variable in variables
+        if variable._value is not None
+    }
+    if not storages:
+        yield
+        return
+
+    def pack(tensor: Any) -> Any:
+        if tensor.untyped_storage().data_ptr() in storages:
+            return tensor.clone()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        yield

@@ -1,0 +1,327 @@
+"""`StatefulLayer`: the base class for layers whose state is updated in training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_stateful import _backend
+from keras_stateful.types import Tensor
+
+_TRAINING_HELP = (
+    "Pass `training=training` from your layer's `call(self, inputs, "
+    "training=None)` signature."
+)
+
+
+@keras.saving.register_keras_serializable(package="keras_stateful")
+class StatefulLayer(keras.layers.Layer):
+    """Base class for layers with state updated during training, not by gradients.
+
+    Subclasses create their state in `build()` with `add_state()` and, inside
+    `call()`, compute the new values and hand them to `commit_state()`:
+
+    - `state = new_value` happens only when the layer is updating: `training`
+      is true, `layer.trainable` is true and `layer.freeze_state()` has not
+      been called. Otherwise the state keeps its value.
+    - The new value is cut from the gradient (`stop_gradient`) and cast to
+      the state's dtype (float32 unless asked otherwise, also under mixed
+      precision).
+    - `training` may be a Python bool or a boolean tensor (a `tf.bool`
+      placeholder, a traced JAX bool, a torch tensor): the choice between old
+      and new value is then made with `ops.where`, outside any conditional.
+    - When a new value is NaN or infinite, none of the values of that commit
+      is stored and `layer.skipped_updates` grows by one (unless
+      `guard_non_finite=False`).
+    - A layer may read its state in differentiable computation and commit a
+      new value in the same call; gradients use the value that was read, on
+      every backend (also PyTorch, whose in-place update would otherwise break
+      `backward()`).
+
+    **On `trainable=False` and `freeze_state()`:** setting
+    `layer.trainable = False` stops both gradient and state updates, like
+    Keras's `BatchNormalization`; as with any change of `trainable`, compile
+    the model again. `layer.freeze_state()` stops only the state updates
+    while the layer keeps training; it is stored in a variable, so it takes
+    effect in an already compiled `fit` (from a callback too) and is saved
+    with the model.
+
+    Args:
+        guard_non_finite: Whether to skip (and count) updates whose new value
+            is not finite. Defaults to `True`.
+        **kwargs: Standard `keras.layers.Layer` arguments (`name`, `dtype`,
+            `trainable`, ...).
+
+    Example:
+
+    ```python
+    class BatchMean(keras_stateful.StatefulLayer):
+        def build(self, input_shape):
+            self.mean = self.add_state("mean", (input_shape[-1],))
+
+        def call(self, inputs, training=None):
+            batch_mean = ops.mean(ops.cast(inputs, "float32"), axis=0)
+            new_mean = 0.9 * self.mean + 0.1 * batch_mean
+            self.commit_state((self.mean, new_mean), training=training)
+            return inputs
+    ```
+    """
+
+    def __init__(self, *, guard_non_finite: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guard_non_finite = bool(guard_non_finite)
+        self._state_variables: list[keras.Variable] = []
+        self._state_initializers: dict[int, Any] = {}
+        self._state_updates_enabled = self.add_weight(
+            name="state_updates_enabled",
+            shape=(),
+            dtype="bool",
+            initializer="ones",
+            trainable=False,
+            autocast=False,
+        )
+        self._skipped_updates = self.add_weight(
+            name="skipped_updates",
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def add_state(
+        self,
+        name: str,
+        shape: Sequence[int] = (),
+        initializer: Any = "zeros",
+        dtype: str = "float32",
+        **kwargs: Any,
+    ) -> keras.Variable:
+        """Create a state variable: non-trainable, never autocast.
+
+        Args:
+            name: Name of the variable, unique within the layer.
+            shape: Shape of the variable. Defaults to `()` (a scalar).
+            initializer: Keras initializer (name, instance or callable), also
+                used by `reset_state()`. Defaults to `"zeros"`. Use a seeded
+                initializer for random values that `reset_state()` restores.
+            dtype: Dtype of the variable, independent of the layer's dtype
+                policy. Defaults to `"float32"`.
+            **kwargs: Further `add_weight` arguments (e.g. `aggregation`).
+
+        Returns:
+            The new `keras.Variable`, also listed in `layer.state_variables`.
+        """
+        for forbidden in ("trainable", "autocast"):
+            if forbidden in kwargs:
+                raise ValueError(
+                    f"Layer '{self.name}': add_state() creates non-trainable, "
+                    f"non-autocast variables; received {forbidden}="
+                    f"{kwargs[forbidden]!r}. For a trainable weight write "
+                    "`self.add_weight(...)` instead."
+                )
+        initializer = keras.initializers.get(initializer)
+        variable = self.add_weight(
+            name=name,
+            shape=tuple(shape),
+            dtype=dtype,
+            initializer=initializer,
+            trainable=False,
+            autocast=False,
+            **kwargs,
+        )
+        self._state_variables.append(variable)
+        self._state_initializers[id(variable)] = initializer
+        return variable
+
+    @property
+    def state_variables(self) -> list[keras.Variable]:
+        """The variables created with `add_state()`, in creation order."""
+        return list(self._state_variables)
+
+    @property
+    def skipped_updates(self) -> int:
+        """How many updates were skipped because a new value was not finite."""
+        return int(ops.convert_to_numpy(self._skipped_updates))
+
+    @property
+    def state_frozen(self) -> bool:
+        """Whether `freeze_state()` is in force."""
+        return not bool(ops.convert_to_numpy(self._state_updates_enabled))
+
+    def freeze_state(self) -> None:
+        """Stop state updates while the layer keeps training (and is saved so)."""
+        self._state_updates_enabled.assign(False)
+
+    def unfreeze_state(self) -> None:
+        """Resume state updates stopped by `freeze_state()`."""
+        self._state_updates_enabled.assign(True)
+
+    def reset_state(self) -> None:
+        """Re-initialise every state variable with its initializer.
+
+        The counter of skipped updates and the frozen switch are left as they
+        are.
+        """
+        for variable in self._state_variables:
+            initializer = self._state_initializers[id(variable)]
+            variable.assign(initializer(variable.shape, dtype=variable.dtype))
+
+    # ----------------------------------------------------------------- update
+
+    def commit_state(
+        self,
+        *updates: tuple[keras.Variable, Tensor],
+        training: bool | Tensor | None,
+    ) -> None:
+        """Store new values in state variables when the layer is updating.
+
+        The values of one call are committed together: either all of them
+        (the layer is updating and every value is finite) or none.
+
+        Args:
+            *updates: `(variable, new_value)` pairs. `new_value` must have the
+                variable's shape; it is cast to the variable's dtype and cut
+                from the gradient.
+            training: The `training` argument of `call()`: a Python bool,
+                `None` (not training) or a boolean scalar tensor.
+        """
+        pairs = [self._check_update(update) for update in updates]
+        if not pairs:
+            return
+        gate = self._update_gate(training)
+        if gate is None:
+            return
+        new_values = []
+        for variable, value in pairs:
+            value = ops.stop_gradient(ops.cast(value, variable.dtype))
+            _backend.check_assignable(value, self.name)
+            new_values.append(value)
+        if self.guard_non_finite:
+            finite = _all_finite(new_values)
+            if finite is not None:
+                self._skipped_updates.assign(
+                    _backend.read_value(self._skipped_updates)
+                    + ops.cast(ops.logical_and(gate, ops.logical_not(finite)), "int32")
+                )
+                gate = ops.logical_and(gate, finite)
+        for (variable, _), value in zip(pairs, new_values, strict=True):
+            _backend.assign(
+                variable, ops.where(gate, value, _backend.read_value(variable))
+            )
+
+    def add_update(self, updates: Any, inputs: Any = None) -> None:
+        """Keras-2 compatible spelling of `commit_state()`.
+
+        `self.add_update((self.centers, new_centers), x)` commits under the
+        same rules as `commit_state`, with `training` taken from the current
+        layer call (so the `call` signature needs no `training` argument).
+        `inputs` is accepted and ignored: in Keras 3 an update belongs to the
+        call that commits it.
+
+        Args:
+            updates: A `(variable, new_value)` pair or a list of such pairs.
+            inputs: Ignored; kept so Keras-2 code runs unchanged.
+        """
+        del inputs
+        if isinstance(updates, tuple) and len(updates) == 2:
+            updates = [updates]
+        if callable(updates) or not isinstance(updates, (list, tuple)):
+            raise TypeError(
+                f"Layer '{self.name}': add_update() takes a (variable, "
+                "new_value) pair or a list of pairs; received "
+                f"{type(updates).__name__}. Write "
+                "`self.add_update((self.my_state, new_value))` or, better, "
+                "`self.commit_state((self.my_state, new_value), "
+                "training=training)`."
+            )
+        self.commit_state(*updates, training=_backend.current_training_flag())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _backend.protect_state_reads(self.non_trainable_variables):
+            return super().__call__(*args, **kwargs)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "guard_non_finite": self.guard_non_finite}
+
+    # --------------------------------------------------------------- helpers
+
+    def _check_update(self, update: Any) -> tuple[keras.Variable, Tensor]:
+        if not (isinstance(update, (tuple, list)) and len(update) == 2):
+            raise TypeError(
+                f"Layer '{self.name}': commit_state() takes (variable, "
+                f"new_value) pairs; received {update!r}. Write "
+                "`self.commit_state((self.my_state, new_value), "
+                "training=training)`."
+            )
+        variable, value = update
+        if not isinstance(variable, keras.Variable):
+            raise TypeError(
+                f"Layer '{self.name}': the first item of each commit_state() "
+                f"pair must be a keras.Variable; received "
+                f"{type(variable).__name__}. Create state with "
+                "`self.add_state(name, shape)` in build()."
+            )
+        if variable.trainable:
+            raise ValueError(
+                f"Layer '{self.name}': cannot commit a value to trainable "
+                f"variable '{variable.path}'. The optimizer owns trainable "
+                "variables, and on JAX a direct assign to one is silently "
+                "dropped. Create the state with `self.add_state(...)`."
+            )
+        value = ops.convert_to_tensor(value)
+        if tuple(value.shape) != tuple(variable.shape) and None not in value.shape:
+            raise ValueError(
+                f"Layer '{self.name}': new value for '{variable.path}' has "
+                f"shape {tuple(value.shape)}, expected {tuple(variable.shape)}."
+                " Reduce or reshape it to the state's shape before committing."
+            )
+        return variable, value
+
+    def _update_gate(self, training: Any) -> Tensor | None:
+        """None when the layer cannot update in this call, else a bool tensor."""
+        if not self.trainable:
+            return None
+        if training is None:
+            return None
+        if not ops.is_tensor(training):
+            if not isinstance(training, (bool, int)) and not hasattr(
+                training, "dtype"
+            ):
+                raise TypeError(
+                    f"Layer '{self.name}': `training` must be a bool, None or "
+                    f"a boolean tensor; received {training!r}. {_TRAINING_HELP}"
+                )
+            if not bool(training):
+                return None
+            return ops.cast(_backend.read_value(self._state_updates_enabled), "bool")
+        training = ops.cast(training, "bool")
+        if len(training.shape) != 0:
+            raise ValueError(
+                f"Layer '{self.name}': a tensor `training` must be a scalar; "
+                f"received shape {tuple(training.shape)}."
+            )
+        return ops.logical_and(
+            training,
+            ops.cast(_backend.read_value(self._state_updates_enabled), "bool"),
+        )
+
+
+def _all_finite(values: list[Tensor]) -> Tensor | None:
+    """A scalar bool tensor: all float values finite; None if none is float."""
+    checks = [
+        ops.all(ops.isfinite(value))
+        for value in values
+        if keras.backend.is_float_dtype(value.dtype)
+    ]
+    if not checks:
+        return None
+    finite = checks[0]
+    for check in checks[1:]:
+        finite = ops.logical_and(finite, check)
+    return finite
