@@ -1,0 +1,5 @@
+"""Test helpers for stateful layers, for this library and for users' own layers."""
+
+from keras_stateful.testing.state_contract import check_state_contract
+
+__all__ = ["check_state_contract"]
