@@ -1,0 +1,55 @@
+"""Sessions: the test matrix over the three Keras backends, lint, and the demo.
+
+    python3 -m nox -s tests      # the whole matrix (what CI runs)
+    python3 -m nox -s demo       # the main job, on JAX
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2024.4.15"
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests"]
+
+BACKENDS = ["jax", "tensorflow", "torch"]
+
+
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def tests(session: nox.Session, backend: str) -> None:
+    """Run the one test suite with KERAS_BACKEND set; installs only that backend."""
+    session.install("-e", f".[{backend},test]")
+    session.run(
+        "pytest",
+        *session.posargs,
+        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on everything, mypy on the package."""
+    session.install("-e", ".[jax,dev]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "keras_stateful")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: train a small model with a stateful layer (JAX by default)."""
+    session.install("-e", ".[jax,demo]")
+    backend = session.env.get("KERAS_BACKEND") or "jax"
+    if backend != "jax":
+        session.install("-e", f".[{backend}]")
+    session.run(
+        "python",
+        "examples/train_tiny.py",
+        *session.posargs,
+        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+if __name__ == "__main__":
+    nox.main()
