@@ -1,7 +1,7 @@
 """Sessions: the test matrix over the three Keras backends, lint, and the demo.
 
-    python3 -m nox -s tests      # the whole matrix (what CI runs)
-    python3 -m nox -s demo       # the main job, on JAX
+python3 -m nox -s tests      # the whole matrix (what CI runs)
+python3 -m nox -s demo       # the main job, on JAX
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ def numpy_training():
     hidden = np.zeros(2)
     average = np.zeros(2)
     for step in range(STEPS):
-        xb, yb = x[step * BATCH : (step + 1) * BATCH], y[step * BATCH : (step + 1) * BATCH]
+        xb, yb = (
+            x[step * BATCH : (step + 1) * BATCH],
+            y[step * BATCH : (step + 1) * BATCH],
+        )
         out = xb @ kernel + bias
         hidden = MOMENTUM * hidden + (1 - MOMENTUM) * out.mean(0)
         average = hidden / (1 - MOMENTUM ** (step + 1))
@@ -60,8 +63,12 @@ def test_fit_matches_numpy_training():
     model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE), loss="mse")
     model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0)
     average, kernel = numpy_training()
-    np.testing.assert_allclose(value_of(model.get_layer("ema").average), average, atol=5e-6)
-    np.testing.assert_allclose(value_of(model.get_layer("dense").kernel), kernel, atol=5e-6)
+    np.testing.assert_allclose(
+        value_of(model.get_layer("ema").average), average, atol=5e-6
+    )
+    np.testing.assert_allclose(
+        value_of(model.get_layer("dense").kernel), kernel, atol=5e-6
+    )
 
 
 def test_custom_training_loop_matches_numpy_training():
@@ -71,10 +78,16 @@ def test_custom_training_loop_matches_numpy_training():
         (x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH])
         for i in range(STEPS)
     ]
-    {"jax": jax_loop, "tensorflow": tf_loop, "torch": torch_loop}[BACKEND](model, batches)
+    {"jax": jax_loop, "tensorflow": tf_loop, "torch": torch_loop}[BACKEND](
+        model, batches
+    )
     average, kernel = numpy_training()
-    np.testing.assert_allclose(value_of(model.get_layer("ema").average), average, atol=5e-6)
-    np.testing.assert_allclose(value_of(model.get_layer("dense").kernel), kernel, atol=5e-6)
+    np.testing.assert_allclose(
+        value_of(model.get_layer("ema").average), average, atol=5e-6
+    )
+    np.testing.assert_allclose(
+        value_of(model.get_layer("dense").kernel), kernel, atol=5e-6
+    )
 
 
 def mse(out, target):
@@ -98,14 +111,18 @@ def jax_loop(model, batches):
         grads, non_trainable = jax.grad(loss_fn, has_aux=True)(
             trainable, non_trainable, xb, yb
         )
-        trainable = [w - LEARNING_RATE * g for w, g in zip(trainable, grads, strict=True)]
+        trainable = [
+            w - LEARNING_RATE * g for w, g in zip(trainable, grads, strict=True)
+        ]
         return trainable, non_trainable
 
     for xb, yb in batches:
         trainable, non_trainable = step(trainable, non_trainable, xb, yb)
     for variable, value in zip(model.trainable_variables, trainable, strict=True):
         variable.assign(value)
-    for variable, value in zip(model.non_trainable_variables, non_trainable, strict=True):
+    for variable, value in zip(
+        model.non_trainable_variables, non_trainable, strict=True
+    ):
         variable.assign(value)
 
 

@@ -106,8 +106,13 @@ def test_freeze_from_a_callback_takes_effect_in_compiled_fit(rng):
     outputs = keras.layers.Dense(1)(Accumulator(name="acc")(inputs))
     model = keras.Model(inputs, outputs)
     model.compile(optimizer="sgd", loss="mse")
-    model.fit(x, np.zeros((8, 1)), batch_size=2, verbose=0,
-              callbacks=[FreezeAfterFirstBatch()])
+    model.fit(
+        x,
+        np.zeros((8, 1)),
+        batch_size=2,
+        verbose=0,
+        callbacks=[FreezeAfterFirstBatch()],
+    )
     layer = model.get_layer("acc")
     assert value_of(layer.count) == 2, "only the first batch of 2 should count"
     layer.unfreeze_state()
@@ -249,7 +254,7 @@ def test_trainable_variable_is_refused():
             self.commit_state((self.kernel, ops.zeros((3,))), training=training)
             return inputs
 
-    with pytest.raises(ValueError, match="trainable variable.*add_state"):
+    with pytest.raises(ValueError, match=r"trainable variable.*add_state"):
         CommitsKernel()(np.ones((2, 3), "float32"), training=True)
 
 
@@ -271,7 +276,8 @@ def test_read_then_commit_backward_uses_the_value_read(rng):
     grad = input_gradient(layer, x)
     np.testing.assert_allclose(grad, np.tile([1.0, 2.0, 3.0], (4, 1)), rtol=1e-6)
     np.testing.assert_allclose(
-        value_of(layer.running_mean), 0.5 * np.array([1, 2, 3]) + 0.5 * x.mean(0),
+        value_of(layer.running_mean),
+        0.5 * np.array([1, 2, 3]) + 0.5 * x.mean(0),
         rtol=1e-6,
     )
 
@@ -366,8 +372,13 @@ def test_callback_reads_state_through_self_model():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(1)(Accumulator(name="acc")(inputs)))
     model.compile(optimizer="sgd", loss="mse")
-    model.fit(np.ones((6, 3)), np.zeros((6, 1)), batch_size=2, verbose=0,
-              callbacks=[ReadCount()])
+    model.fit(
+        np.ones((6, 3)),
+        np.zeros((6, 1)),
+        batch_size=2,
+        verbose=0,
+        callbacks=[ReadCount()],
+    )
     assert seen == [2, 4, 6]
 
 
@@ -396,7 +407,10 @@ def test_keras2_add_update_commits_only_in_training(rng):
     assert not value_of(layer.centers).any()
     model.fit([features, labels], np.zeros((6, 1)), batch_size=6, verbose=0)
     expected = np.stack(
-        [0.5 * features[labels == k].sum(0) / (1 + (labels == k).sum()) for k in range(3)]
+        [
+            0.5 * features[labels == k].sum(0) / (1 + (labels == k).sum())
+            for k in range(3)
+        ]
     )
     np.testing.assert_allclose(value_of(layer.centers), expected, rtol=1e-5)
 

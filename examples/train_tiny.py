@@ -10,10 +10,10 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from keras_stateful.layers import MovingAverage  # noqa: E402
+from keras_stateful.layers import MovingAverage
 
 
 def main() -> None:

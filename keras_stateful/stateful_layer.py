@@ -290,9 +290,7 @@ class StatefulLayer(keras.layers.Layer):
         if training is None:
             return None
         if not ops.is_tensor(training):
-            if not isinstance(training, (bool, int)) and not hasattr(
-                training, "dtype"
-            ):
+            if not isinstance(training, (bool, int)) and not hasattr(training, "dtype"):
                 raise TypeError(
                     f"Layer '{self.name}': `training` must be a bool, None or "
                     f"a boolean tensor; received {training!r}. {_TRAINING_HELP}"

@@ -73,14 +73,14 @@ class MovingAverage(StatefulLayer):
         self.counter = None
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
-        feature_shape = tuple(input_shape[1:])
-        if None in feature_shape:
+        if None in tuple(input_shape[1:]):
             raise ValueError(
                 f"Layer '{self.name}': every axis but the batch axis must be "
                 f"known to build the average; received input shape "
                 f"{tuple(input_shape)}. Give the model input a full shape, "
                 "e.g. `keras.Input(shape=(16,))`."
             )
+        feature_shape = tuple(int(dim) for dim in input_shape[1:])  # type: ignore[arg-type]
         self.average = self.add_state("average", feature_shape)
         if self.zero_debias:
             self.hidden = self.add_state("hidden", feature_shape)

@@ -165,9 +165,7 @@ def check_state_contract(
         _expect_state(layer, initial, "after stateless_call (variables touched)")
         by_id = {
             id(v): ops.convert_to_numpy(value)
-            for v, value in zip(
-                layer.non_trainable_variables, new_values, strict=True
-            )
+            for v, value in zip(layer.non_trainable_variables, new_values, strict=True)
         }
         stateless_state = {v.name: by_id[id(v)] for v in layer.state_variables}
         _expect_close(
@@ -218,8 +216,7 @@ def check_state_contract(
         for variable in layer.state_variables:
             _expect(
                 not variable.trainable and id(variable) not in trainable_ids,
-                f"state '{variable.path}' is trainable: the optimizer would "
-                "update it.",
+                f"state '{variable.path}' is trainable: the optimizer would update it.",
             )
         first = steps[0] if multi else steps[0][0]
         _fit(model, first, half, jit_compile_modes[0], learning_rate=0.5)
