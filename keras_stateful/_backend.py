@@ -46,6 +46,34 @@ def assign(variable: keras.Variable, value: Tensor) -> None:
         variable.assign(value)
 
 
+def assign_rows(variable: keras.Variable, indices: Tensor, rows: Tensor) -> None:
+    """`variable[indices] = rows`, writing only those rows where possible.
+
+    Duplicate indices must carry identical rows (their order is undefined).
+    In a stateless scope (JAX's `fit`, `stateless_call`) the new value is
+    built functionally; XLA updates a donated buffer in place. Eagerly and in
+    a `tf.function`, TensorFlow and PyTorch write the rows in place, so the
+    cost does not grow with the number of rows of the variable.
+    """
+    with AutocastScope(None):
+        if BACKEND == "tensorflow" and not in_stateless_scope():
+            import tensorflow as tf
+
+            variable.value.scatter_nd_update(
+                tf.expand_dims(tf.cast(indices, "int64"), 1), rows
+            )
+            return
+        if BACKEND == "torch" and not in_stateless_scope():
+            import torch
+
+            with torch.no_grad():
+                variable.value.index_copy_(0, indices.to(torch.long), rows)
+            return
+        variable.assign(
+            keras.ops.scatter_update(read_value(variable), indices[:, None], rows)
+        )
+
+
 def cross_replica_sum(x: Tensor) -> Tensor:
     """Sum `x` over all replicas of a data-parallel run.
 
@@ -63,6 +91,23 @@ def current_training_flag() -> Any:
     if call_context is None:
         return None
     return call_context.get_value("training")
+
+
+def is_concrete(x: Tensor) -> bool:
+    """Whether `x` holds values that can be read now (not traced or symbolic)."""
+    if BACKEND == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly() and not isinstance(x, tf.Variable)
+    if BACKEND == "torch":
+        import torch
+
+        return not torch.compiler.is_compiling() and x.device.type != "meta"
+    return False
 
 
 def check_assignable(value: Tensor, layer_name: str) -> None:

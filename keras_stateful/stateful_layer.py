@@ -176,7 +176,7 @@ class StatefulLayer(keras.layers.Layer):
 
     def commit_state(
         self,
-        *updates: tuple[keras.Variable, Tensor],
+        *updates: tuple[keras.Variable, Tensor] | tuple[keras.Variable, Tensor, Tensor],
         training: bool | Tensor | None,
     ) -> None:
         """Store new values in state variables when the layer is updating.
@@ -185,20 +185,24 @@ class StatefulLayer(keras.layers.Layer):
         (the layer is updating and every value is finite) or none.
 
         Args:
-            *updates: `(variable, new_value)` pairs. `new_value` must have the
-                variable's shape; it is cast to the variable's dtype and cut
+            *updates: `(variable, new_value)` pairs, where `new_value` has the
+                variable's shape, or `(variable, indices, rows)` triples that
+                set `variable[indices] = rows` and leave the other rows
+                alone, at a cost that does not grow with the variable's
+                first dimension (rows of duplicate indices must be
+                identical). Values are cast to the variable's dtype and cut
                 from the gradient.
             training: The `training` argument of `call()`: a Python bool,
                 `None` (not training) or a boolean scalar tensor.
         """
-        pairs = [self._check_update(update) for update in updates]
-        if not pairs:
+        checked = [self._check_update(update) for update in updates]
+        if not checked:
             return
         gate = self._update_gate(training)
         if gate is None:
             return
         new_values = []
-        for variable, value in pairs:
+        for variable, _, value in checked:
             value = ops.stop_gradient(ops.cast(value, variable.dtype))
             _backend.check_assignable(value, self.name)
             new_values.append(value)
@@ -210,10 +214,13 @@ class StatefulLayer(keras.layers.Layer):
                     + ops.cast(ops.logical_and(gate, ops.logical_not(finite)), "int32")
                 )
                 gate = ops.logical_and(gate, finite)
-        for (variable, _), value in zip(pairs, new_values, strict=True):
-            _backend.assign(
-                variable, ops.where(gate, value, _backend.read_value(variable))
-            )
+        for (variable, indices, _), value in zip(checked, new_values, strict=True):
+            if indices is None:
+                old = _backend.read_value(variable)
+                _backend.assign(variable, ops.where(gate, value, old))
+            else:
+                old = ops.take(_backend.read_value(variable), indices, axis=0)
+                _backend.assign_rows(variable, indices, ops.where(gate, value, old))
 
     def add_update(self, updates: Any, inputs: Any = None) -> None:
         """Keras-2 compatible spelling of `commit_state()`.
@@ -251,19 +258,22 @@ class StatefulLayer(keras.layers.Layer):
 
     # --------------------------------------------------------------- helpers
 
-    def _check_update(self, update: Any) -> tuple[keras.Variable, Tensor]:
-        if not (isinstance(update, (tuple, list)) and len(update) == 2):
+    def _check_update(
+        self, update: Any
+    ) -> tuple[keras.Variable, Tensor | None, Tensor]:
+        """Validate one update; returns (variable, indices or None, value)."""
+        if not (isinstance(update, (tuple, list)) and len(update) in (2, 3)):
             raise TypeError(
                 f"Layer '{self.name}': commit_state() takes (variable, "
-                f"new_value) pairs; received {update!r}. Write "
-                "`self.commit_state((self.my_state, new_value), "
-                "training=training)`."
+                "new_value) pairs or (variable, indices, rows) triples; "
+                f"received {update!r}. Write `self.commit_state((self.my_state, "
+                "new_value), training=training)`."
             )
-        variable, value = update
+        variable, *rest = update
         if not isinstance(variable, keras.Variable):
             raise TypeError(
                 f"Layer '{self.name}': the first item of each commit_state() "
-                f"pair must be a keras.Variable; received "
+                f"update must be a keras.Variable; received "
                 f"{type(variable).__name__}. Create state with "
                 "`self.add_state(name, shape)` in build()."
             )
@@ -274,14 +284,29 @@ class StatefulLayer(keras.layers.Layer):
                 "variables, and on JAX a direct assign to one is silently "
                 "dropped. Create the state with `self.add_state(...)`."
             )
-        value = ops.convert_to_tensor(value)
-        if tuple(value.shape) != tuple(variable.shape) and None not in value.shape:
+        indices = None
+        expected = tuple(variable.shape)
+        if len(rest) == 2:
+            indices = ops.convert_to_tensor(rest[0])
+            if len(indices.shape) != 1 or "int" not in str(indices.dtype):
+                raise ValueError(
+                    f"Layer '{self.name}': row indices for '{variable.path}' "
+                    "must be a 1-D integer tensor; received shape "
+                    f"{tuple(indices.shape)} and dtype {indices.dtype}."
+                )
+            expected = (indices.shape[0], *expected[1:])
+        value = ops.convert_to_tensor(rest[-1])
+        shape = tuple(value.shape)
+        if len(shape) != len(expected) or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(shape, expected, strict=True)
+        ):
             raise ValueError(
                 f"Layer '{self.name}': new value for '{variable.path}' has "
-                f"shape {tuple(value.shape)}, expected {tuple(variable.shape)}."
-                " Reduce or reshape it to the state's shape before committing."
+                f"shape {shape}, expected {expected}. Reduce or reshape it to "
+                "the state's shape before committing."
             )
-        return variable, value
+        return variable, indices, value
 
     def _update_gate(self, training: Any) -> Tensor | None:
         """None when the layer cannot update in this call, else a bool tensor."""

@@ -1,0 +1,221 @@
+"""`CenterLoss`: class centers kept by the Wen et al. (2016) rule, and their loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stateful import _backend
+from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.types import Tensor
+
+
+@keras.saving.register_keras_serializable(package="keras_stateful")
+class CenterLoss(StatefulLayer):
+    """Center loss: pulls features towards per-class centers kept as state.
+
+    Called on `[features, labels]`, it returns `features` unchanged and adds
+    `loss_weight * mean_i 0.5 * ||x_i - c_{y_i}||^2` to the model's losses,
+    computed with the centers before this step's update (gradients reach the
+    features, never the centers). `fit` logs it as part of `loss`.
+
+    In training, with `n_j` the number of samples of class `j` in the batch
+    (Wen et al., Eq. 4, as in the Keras-2 example):
+
+    - `delta_j = sum_{i: y_i = j} (c_j - x_i) / (1 + n_j)`
+    - `c_j = c_j - alpha * delta_j`
+
+    Classes absent from the batch do not move. Only the rows of the classes
+    in the batch are computed and written (segment sums over the batch and a
+    row scatter), so a step costs the same for 10 or 100,000 classes.
+
+    Labels are integer class ids of shape `(B,)` or `(B, 1)`, or one-hot
+    `(B, num_classes)`. An id outside `[0, num_classes)` raises a
+    `ValueError` when the call runs eagerly; in compiled code (a traced
+    `fit` step) such samples are left out of the loss and the update, and
+    counted in the `out_of_range_labels` state.
+
+    **`trainable=False`** stops the updates (recompile after changing it);
+    `freeze_state()` stops them while training goes on.
+
+    Args:
+        num_classes: Number of classes `K`.
+        alpha: Center learning rate `alpha` of the paper. Defaults to `0.5`.
+        loss_weight: Weight `lambda` of the center loss. Defaults to `1.0`.
+        centers_initializer: Initializer of the `(K, D)` centers. Defaults
+            to `"zeros"`, as in the paper.
+        **kwargs: `StatefulLayer` arguments (`guard_non_finite`, `name`, ...).
+
+    Call arguments:
+        inputs: `[features, labels]`; features of shape `(B, D)`.
+        training: Whether the call is in training mode (updates the centers).
+
+    Example:
+
+    ```python
+    features = keras.layers.Dense(2)(hidden)
+    features = keras_stateful.layers.CenterLoss(10, alpha=0.5, loss_weight=0.1)(
+        [features, labels]  # labels: keras.Input((), dtype="int32")
+    )
+    ```
+
+    Reference:
+        - [Wen et al., 2016](https://ydwen.github.io/papers/WenECCV16.pdf)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        alpha: float = 0.5,
+        *,
+        loss_weight: float = 1.0,
+        centers_initializer: Any = "zeros",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if int(num_classes) < 1:
+            raise ValueError(
+                f"CenterLoss: num_classes must be >= 1; received {num_classes!r}."
+            )
+        self.num_classes = int(num_classes)
+        self.alpha = float(alpha)
+        self.loss_weight = float(loss_weight)
+        self.centers_initializer = keras.initializers.get(centers_initializer)
+        self.centers = None
+        self.out_of_range_labels = None
+
+    def build(self, input_shape: Any) -> None:
+        features_shape, _ = self._split_shapes(input_shape)
+        if len(features_shape) != 2 or features_shape[-1] is None:
+            raise ValueError(
+                f"Layer '{self.name}': features must have shape (batch, dim) "
+                f"with a known dim; received {tuple(features_shape)}. Flatten "
+                "them first, e.g. `keras.layers.Flatten()(x)`."
+            )
+        self.centers = self.add_state(
+            "centers",
+            (self.num_classes, int(features_shape[-1])),
+            initializer=self.centers_initializer,
+        )
+        self.out_of_range_labels = self.add_state(
+            "out_of_range_labels", (), dtype="int32"
+        )
+
+    def call(self, inputs: Any, training: bool | Tensor | None = None) -> Tensor:
+        features, labels = self._split_inputs(inputs)
+        x = ops.cast(features, "float32")
+        ids = self._class_ids(labels)
+        valid = ops.logical_and(ids >= 0, ids < self.num_classes)
+        safe_ids = ops.where(valid, ids, 0)
+        weight = ops.cast(valid, "float32")
+
+        # The loss, with the centers before the update.
+        own_centers = ops.take(_backend.read_value(self.centers), safe_ids, axis=0)
+        distance = 0.5 * ops.sum(ops.square(x - own_centers), axis=-1)
+        loss = ops.sum(weight * distance) / ops.maximum(ops.sum(weight), 1.0)
+        loss = self.loss_weight * loss
+        self.add_loss(loss)
+
+        # n_j and sum_i x_i per class, over the batch only: each sample points
+        # to the first sample of its class, and the sums gather there.
+        same_class = ops.logical_and(
+            ops.equal(ids[:, None], ids[None, :]),
+            ops.logical_and(valid[:, None], valid[None, :]),
+        )
+        count = ops.sum(ops.cast(same_class, "float32"), axis=1)[:, None]
+        first = ops.argmax(ops.cast(same_class, "int32"), axis=1)
+        class_sums = ops.segment_sum(
+            x * weight[:, None], first, num_segments=ops.shape(x)[0]
+        )
+        class_sum = ops.take(class_sums, first, axis=0)
+        delta = (count * own_centers - class_sum) / (1.0 + count)
+        new_rows = own_centers - self.alpha * delta
+
+        # Samples with an invalid label write what the first valid sample
+        # writes, so that duplicate indices always carry identical rows.
+        first_valid = ops.argmax(ops.cast(valid, "int32"))
+        rows_at = ops.where(valid, safe_ids, ops.take(safe_ids, first_valid))
+        new_rows = ops.where(
+            valid[:, None], new_rows, ops.take(new_rows, first_valid, axis=0)
+        )
+        skipped = ops.sum(1 - ops.cast(valid, "int32"))
+        self.commit_state(
+            (self.centers, rows_at, new_rows),
+            (self.out_of_range_labels, self.out_of_range_labels + skipped),
+            training=training,
+        )
+        return features
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self._split_shapes(input_shape)[0]
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "alpha": self.alpha,
+            "loss_weight": self.loss_weight,
+            "centers_initializer": keras.initializers.serialize(
+                self.centers_initializer
+            ),
+        }
+
+    # ---------------------------------------------------------------- inputs
+
+    def _split_shapes(self, input_shape: Any) -> tuple[Any, Any]:
+        if not (isinstance(input_shape, (list, tuple)) and len(input_shape) == 2):
+            raise ValueError(self._inputs_help(f"input shape {input_shape}"))
+        first = input_shape[0]
+        if first is None or isinstance(first, int):
+            raise ValueError(self._inputs_help(f"one tensor of shape {input_shape}"))
+        return tuple(input_shape[0]), tuple(input_shape[1])
+
+    def _split_inputs(self, inputs: Any) -> tuple[Tensor, Tensor]:
+        if not (isinstance(inputs, (list, tuple)) and len(inputs) == 2):
+            raise ValueError(self._inputs_help(f"{type(inputs).__name__}"))
+        return inputs[0], inputs[1]
+
+    def _inputs_help(self, received: str) -> str:
+        return (
+            f"Layer '{self.name}' is called on [features, labels]; received "
+            f"{received}. Write `CenterLoss({self.num_classes})([features, "
+            "labels])` with labels as a second model input."
+        )
+
+    def _class_ids(self, labels: Tensor) -> Tensor:
+        labels = ops.convert_to_tensor(labels)
+        shape = tuple(labels.shape)
+        one_hot = (
+            len(shape) == 2 and shape[-1] == self.num_classes and self.num_classes > 1
+        )
+        if one_hot:
+            return ops.cast(ops.argmax(labels, axis=-1), "int32")
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[-1] == 1)):
+            raise ValueError(
+                f"Layer '{self.name}': labels must be class ids of shape (B,) "
+                f"or (B, 1), or one-hot (B, {self.num_classes}); received shape "
+                f"{shape}."
+            )
+        dtype = keras.backend.standardize_dtype(labels.dtype)
+        if "int" not in dtype:
+            raise TypeError(
+                f"Layer '{self.name}': class-id labels must be integers; "
+                f"received dtype {dtype}. Declare the labels input as "
+                '`keras.Input((), dtype="int32")` or cast them with '
+                '`ops.cast(labels, "int32")`.'
+            )
+        ids = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        if _backend.is_concrete(ids):
+            values = np.asarray(ops.convert_to_numpy(ids))
+            bad = values[(values < 0) | (values >= self.num_classes)]
+            if bad.size:
+                raise ValueError(
+                    f"Layer '{self.name}': labels must be class ids in [0, "
+                    f"{self.num_classes}); received {bad[:5].tolist()}"
+                    f"{' and more' if bad.size > 5 else ''}. Raise "
+                    "num_classes or fix the labels."
+                )
+        return ids
