@@ -6,6 +6,8 @@ python3 -m nox -s demo       # the main job, on JAX
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.needs_version = ">=2024.4.15"
@@ -19,7 +21,7 @@ BACKENDS = ["jax", "tensorflow", "torch"]
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
     """Run the one test suite with KERAS_BACKEND set; installs only that backend."""
-    session.install("-e", f".[{backend},test]")
+    session.install("-e", f".[{backend},test,demo]")
     session.run(
         "pytest",
         *session.posargs,
@@ -38,14 +40,14 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job: train a small model with a stateful layer (JAX by default)."""
+    """The main job: softmax vs softmax + CenterLoss on digits (JAX by default)."""
     session.install("-e", ".[jax,demo]")
-    backend = session.env.get("KERAS_BACKEND") or "jax"
+    backend = os.environ.get("KERAS_BACKEND") or "jax"
     if backend != "jax":
         session.install("-e", f".[{backend}]")
     session.run(
         "python",
-        "examples/train_tiny.py",
+        "examples/center_loss_digits.py",
         *session.posargs,
         env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )

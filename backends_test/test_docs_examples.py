@@ -29,9 +29,14 @@ def test_readme_example_updates_in_fit_only():
     assert isinstance(model, keras.Model)
 
 
-def test_demo_script_runs():
+def test_demo_script_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_tiny.py")],
+        [
+            sys.executable,
+            str(ROOT / "examples" / "center_loss_digits.py"),
+            "--epochs=2",
+            f"--out={tmp_path}",
+        ],
         capture_output=True,
         text=True,
         env={
@@ -45,4 +50,28 @@ def test_demo_script_runs():
         check=True,
     )
     assert f"backend: {BACKEND}" in result.stdout
-    assert "unchanged by predict():        True" in result.stdout
+    assert "softmax + CenterLoss" in result.stdout
+    assert (tmp_path / "center_loss_digits.png").stat().st_size > 10_000
+
+
+def test_migration_guide_ports_run_and_update_in_training_only():
+    guide = (ROOT / "docs" / "migrating-from-add_update.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
+    plain_port, stateful_port = blocks[2], blocks[3]
+    features = np.random.default_rng(0).normal(size=(6, 2)).astype("float32")
+    one_hot = np.eye(10, dtype="float32")[[0, 0, 1, 2, 2, 2]]
+    for code in (plain_port, stateful_port):
+        namespace = {"keras": keras, "ops": keras.ops}
+        namespace["keras_stateful"] = __import__("keras_stateful")
+        exec(compile(code, "migrating-from-add_update.md", "exec"), namespace)
+        layer = namespace["CenterLossLayer"](alpha=0.5)
+        layer([features, one_hot])
+        before = value_of(layer.centers)
+        layer([features, one_hot], training=False)
+        assert np.array_equal(value_of(layer.centers), before)
+        layer([features, one_hot], training=True)
+        delta = one_hot.T @ (one_hot @ before - features)
+        delta /= one_hot.sum(0)[:, None] + 1
+        np.testing.assert_allclose(
+            value_of(layer.centers), before - 0.5 * delta, rtol=1e-5, atol=1e-6
+        )
