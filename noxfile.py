@@ -53,5 +53,18 @@ def demo(session: nox.Session) -> None:
     )
 
 
+@nox.session
+@nox.parametrize("backend", BACKENDS)
+def bench(session: nox.Session, backend: str) -> None:
+    """Benchmarks (not part of the default run); `-- --quick` for a short run."""
+    session.install("-e", f".[{backend},bench]")
+    session.run(
+        "python",
+        "benchmarks/center_loss_scaling.py",
+        *session.posargs,
+        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
 if __name__ == "__main__":
     nox.main()
