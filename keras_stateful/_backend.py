@@ -35,6 +35,20 @@ def read_value(variable: keras.Variable) -> Tensor:
     return value
 
 
+def read_rows(variable: keras.Variable, indices: Tensor) -> Tensor:
+    """`variable[indices]`, reading only those rows where the backend allows.
+
+    On TensorFlow a gather from the `tf.Variable` itself reads the rows; a
+    read of the whole value first would copy every row at every step.
+    """
+    if BACKEND == "tensorflow" and not in_stateless_scope():
+        import tensorflow as tf
+
+        with AutocastScope(None):
+            return tf.gather(variable.value, indices, axis=0)
+    return keras.ops.take(read_value(variable), indices, axis=0)
+
+
 def assign(variable: keras.Variable, value: Tensor) -> None:
     """`variable.assign(value)`, with any autocast scope switched off.
 

@@ -219,7 +219,7 @@ class StatefulLayer(keras.layers.Layer):
                 old = _backend.read_value(variable)
                 _backend.assign(variable, ops.where(gate, value, old))
             else:
-                old = ops.take(_backend.read_value(variable), indices, axis=0)
+                old = _backend.read_rows(variable, indices)
                 _backend.assign_rows(variable, indices, ops.where(gate, value, old))
 
     def add_update(self, updates: Any, inputs: Any = None) -> None:

@@ -113,7 +113,7 @@ class CenterLoss(StatefulLayer):
         weight = ops.cast(valid, "float32")
 
         # The loss, with the centers before the update.
-        own_centers = ops.take(_backend.read_value(self.centers), safe_ids, axis=0)
+        own_centers = _backend.read_rows(self.centers, safe_ids)
         distance = 0.5 * ops.sum(ops.square(x - own_centers), axis=-1)
         loss = ops.sum(weight * distance) / ops.maximum(ops.sum(weight), 1.0)
         loss = self.loss_weight * loss
