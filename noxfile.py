@@ -17,16 +17,21 @@ nox.options.sessions = ["lint", "tests"]
 BACKENDS = ["jax", "tensorflow", "torch"]
 
 
+def run_on(session: nox.Session, backend: str, *command: str) -> None:
+    """Run `command` and the session's extra arguments with KERAS_BACKEND set."""
+    session.run(
+        *command,
+        *session.posargs,
+        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def tests(session: nox.Session, backend: str) -> None:
     """Run the one test suite with KERAS_BACKEND set; installs only that backend."""
     session.install("-e", f".[{backend},test,demo]")
-    session.run(
-        "pytest",
-        *session.posargs,
-        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    run_on(session, backend, "pytest")
 
 
 @nox.session
@@ -45,12 +50,7 @@ def demo(session: nox.Session) -> None:
     backend = os.environ.get("KERAS_BACKEND") or "jax"
     if backend != "jax":
         session.install("-e", f".[{backend}]")
-    session.run(
-        "python",
-        "examples/center_loss_digits.py",
-        *session.posargs,
-        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    run_on(session, backend, "python", "examples/center_loss_digits.py")
 
 
 @nox.session
@@ -58,12 +58,7 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session, backend: str) -> None:
     """Benchmarks (not part of the default run); `-- --quick` for a short run."""
     session.install("-e", f".[{backend},bench]")
-    session.run(
-        "python",
-        "benchmarks/center_loss_scaling.py",
-        *session.posargs,
-        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    run_on(session, backend, "python", "benchmarks/center_loss_scaling.py")
 
 
 if __name__ == "__main__":

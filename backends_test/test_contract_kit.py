@@ -25,12 +25,16 @@ def test_keras2_style_add_update_layer_passes(rng):
 # ---- broken layers: the kit must say so --------------------------------------
 
 
-@keras.saving.register_keras_serializable(package="backends_test")
-class UpdatesInInference(keras_stateful.StatefulLayer):
-    """Commits with training=True always: updates under predict too."""
+class WithTotal(keras_stateful.StatefulLayer):
+    """One state, `total`, of the input's last dimension."""
 
     def build(self, input_shape):
         self.total = self.add_state("total", (input_shape[-1],))
+
+
+@keras.saving.register_keras_serializable(package="backends_test")
+class UpdatesInInference(WithTotal):
+    """Commits with training=True always: updates under predict too."""
 
     def call(self, inputs, training=None):
         new = self.total + ops.sum(ops.cast(inputs, "float32"), axis=0)
@@ -39,7 +43,7 @@ class UpdatesInInference(keras_stateful.StatefulLayer):
 
 
 @keras.saving.register_keras_serializable(package="backends_test")
-class PythonSideStep(keras_stateful.StatefulLayer):
+class PythonSideStep(WithTotal):
     """Keeps its step count in a Python attribute: right eagerly, wrong in fit.
 
     A compiled step is traced once (and the functional model calls `call`
@@ -47,9 +51,6 @@ class PythonSideStep(keras_stateful.StatefulLayer):
     """
 
     python_steps = 0
-
-    def build(self, input_shape):
-        self.total = self.add_state("total", (input_shape[-1],))
 
     def call(self, inputs, training=None):
         self.python_steps += 1
@@ -59,20 +60,14 @@ class PythonSideStep(keras_stateful.StatefulLayer):
 
 
 @keras.saving.register_keras_serializable(package="backends_test")
-class NeverUpdates(keras_stateful.StatefulLayer):
-    def build(self, input_shape):
-        self.total = self.add_state("total", (input_shape[-1],))
-
+class NeverUpdates(WithTotal):
     def call(self, inputs, training=None):
         return inputs
 
 
 @keras.saving.register_keras_serializable(package="backends_test")
-class IgnoresFreeze(keras_stateful.StatefulLayer):
+class IgnoresFreeze(WithTotal):
     """Assigns directly, bypassing commit_state's gate on freeze/trainable."""
-
-    def build(self, input_shape):
-        self.total = self.add_state("total", (input_shape[-1],))
 
     def call(self, inputs, training=None):
         if training:

@@ -425,3 +425,41 @@ def test_config_round_trip():
     layer = MovingAverage(0.9, zero_debias=True, guard_non_finite=False, name="ema")
     clone = MovingAverage.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+# ---- row commits ---------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="backends_test")
+class RowWriter(keras_stateful.StatefulLayer):
+    """Writes `rows` at `ids` of a (5, 2) table: the generic row commit."""
+
+    def build(self, input_shape):
+        self.table = self.add_state("table", (5, 2))
+
+    def call(self, inputs, training=None):
+        ids, rows = inputs
+        self.commit_state((self.table, ids, rows), training=training)
+        return rows
+
+
+def test_row_commit_writes_only_those_rows_and_only_in_training():
+    layer = RowWriter()
+    ids = np.array([3, 1, 3], "int32")
+    rows = np.array([[1, 2], [3, 4], [1, 2]], "float32")
+    layer([ids, rows], training=False)
+    assert not value_of(layer.table).any()
+    layer([ids, rows], training=True)
+    expected = np.zeros((5, 2), "float32")
+    expected[[3, 1]] = [[1, 2], [3, 4]]
+    np.testing.assert_array_equal(value_of(layer.table), expected)
+    rows_with_nan = np.array([[9, 9], [np.nan, 0], [9, 9]], "float32")
+    layer([ids, rows_with_nan], training=True)
+    np.testing.assert_array_equal(value_of(layer.table), expected)
+    assert layer.skipped_updates == 1
+
+
+def test_row_commit_refuses_float_indices():
+    layer = RowWriter()
+    with pytest.raises(ValueError, match=r"1-D integer tensor.*float32.*int32"):
+        layer([np.array([1.0], "float32"), np.ones((1, 2), "float32")], training=True)

@@ -7,7 +7,7 @@ that branches on `keras.backend.backend()` or imports from `keras.src`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -116,7 +116,7 @@ def is_concrete(x: Tensor) -> bool:
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.executing_eagerly() and not isinstance(x, tf.Variable)
+        return bool(tf.executing_eagerly())
     if BACKEND == "torch":
         import torch
 
@@ -148,17 +148,17 @@ def check_assignable(value: Tensor, layer_name: str) -> None:
 
 
 @contextlib.contextmanager
-def protect_state_reads(variables: Iterable[keras.Variable]) -> Iterator[None]:
+def protect_state_reads(layer: keras.layers.Layer) -> Iterator[None]:
     """Let a layer read its state in differentiable ops and then update it.
 
     PyTorch saves some inputs of an op for its backward pass and refuses to
     run backward once such a tensor was modified in place ("one of the
     variables needed for gradient computation has been modified by an inplace
-    operation"). While this context is open, any state tensor that autograd
-    saves is saved as a copy, so the in-place update that follows is safe and
-    the gradient uses the value the forward pass saw, as on JAX and
-    TensorFlow. The copy is made only for tensors autograd actually saves.
-    Elsewhere this does nothing.
+    operation"). While this context is open, any non-trainable variable of
+    `layer` that autograd saves is saved as a copy, so the in-place update
+    that follows is safe and the gradient uses the value the forward pass
+    saw, as on JAX and TensorFlow. The copy is made only for tensors autograd
+    actually saves. Elsewhere this does nothing.
     """
     if BACKEND != "torch":
         yield
@@ -171,7 +171,7 @@ def protect_state_reads(variables: Iterable[keras.Variable]) -> Iterator[None]:
         return
     storages = {
         variable.value.untyped_storage().data_ptr()
-        for variable in variables
+        for variable in layer.non_trainable_variables
         if variable._value is not None
     }
     if not storages:

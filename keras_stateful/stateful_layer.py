@@ -189,9 +189,10 @@ class StatefulLayer(keras.layers.Layer):
                 variable's shape, or `(variable, indices, rows)` triples that
                 set `variable[indices] = rows` and leave the other rows
                 alone, at a cost that does not grow with the variable's
-                first dimension (rows of duplicate indices must be
-                identical). Values are cast to the variable's dtype and cut
-                from the gradient.
+                first dimension. Indices must lie in `[0, variable.shape[0])`
+                (mask invalid ones before committing) and rows of duplicate
+                indices must be identical. Values are cast to the variable's
+                dtype and cut from the gradient.
             training: The `training` argument of `call()`: a Python bool,
                 `None` (not training) or a boolean scalar tensor.
         """
@@ -250,7 +251,7 @@ class StatefulLayer(keras.layers.Layer):
         self.commit_state(*updates, training=_backend.current_training_flag())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _backend.protect_state_reads(self.non_trainable_variables):
+        with _backend.protect_state_reads(self):
             return super().__call__(*args, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
@@ -288,11 +289,13 @@ class StatefulLayer(keras.layers.Layer):
         expected = tuple(variable.shape)
         if len(rest) == 2:
             indices = ops.convert_to_tensor(rest[0])
-            if len(indices.shape) != 1 or "int" not in str(indices.dtype):
+            dtype = keras.backend.standardize_dtype(indices.dtype)
+            if len(indices.shape) != 1 or "int" not in dtype:
                 raise ValueError(
                     f"Layer '{self.name}': row indices for '{variable.path}' "
                     "must be a 1-D integer tensor; received shape "
-                    f"{tuple(indices.shape)} and dtype {indices.dtype}."
+                    f"{tuple(indices.shape)} and dtype {dtype}. Pass e.g. "
+                    '`ops.cast(ids, "int32")`.'
                 )
             expected = (indices.shape[0], *expected[1:])
         value = ops.convert_to_tensor(rest[-1])

@@ -34,9 +34,10 @@ class CenterLoss(StatefulLayer):
 
     Labels are integer class ids of shape `(B,)` or `(B, 1)`, or one-hot
     `(B, num_classes)`. An id outside `[0, num_classes)` raises a
-    `ValueError` when the call runs eagerly; in compiled code (a traced
-    `fit` step) such samples are left out of the loss and the update, and
-    counted in the `out_of_range_labels` state.
+    `ValueError` when the call runs eagerly (this includes PyTorch's `fit`,
+    which runs eagerly unless `jit_compile=True`); in compiled code (a traced
+    `fit` step on JAX or TensorFlow) such samples are left out of the loss
+    and the update, and counted in the `out_of_range_labels` state.
 
     **`trainable=False`** stops the updates (recompile after changing it);
     `freeze_state()` stops them while training goes on.

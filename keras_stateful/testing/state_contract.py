@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -154,7 +155,7 @@ def check_state_contract(
     # 2. stateless_call (it calls `call()` directly, so only a layer whose
     # `call` takes `training` can be told to train through it).
     layer = fresh()
-    if layer._call_has_training_arg:
+    if "training" in inspect.signature(layer.call).parameters:
         batch = [ops.convert_to_tensor(a) for a in steps[0]]
         _, new_values = layer.stateless_call(
             [_tensor(v) for v in layer.trainable_variables],
