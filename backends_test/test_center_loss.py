@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_stateful
 from backends_test.conftest import state_of, value_of
 from keras_stateful.layers import CenterLoss
 from keras_stateful.testing import check_state_contract
@@ -136,3 +137,89 @@ def test_state_contract_one_hot_labels(rng):
     check_state_contract(
         lambda: seeded_layer(alpha=0.5), [features, labels], mixed_precision_policies=()
     )
+
+
+def center_loss_model(num_classes=3):
+    features = keras.Input((4,))
+    labels = keras.Input((), dtype="int32")
+    hidden = keras.layers.Dense(2, name="features")(features)
+    outputs = CenterLoss(num_classes, loss_weight=0.5)([hidden, labels])
+    model = keras.Model([features, labels], outputs)
+    model.compile(optimizer="sgd")  # the center loss is the only loss
+    return model
+
+
+def test_loss_is_logged_under_the_layer_name_in_fit(rng):
+    """With no other loss, `center_loss` must equal Keras's own `loss`."""
+    x = rng.normal(size=(40, 4)).astype("float32")
+    y = rng.integers(0, 3, 40).astype("int32")
+    model = center_loss_model()
+    history = model.fit(
+        [x, y],
+        epochs=2,
+        batch_size=8,
+        validation_split=0.2,
+        verbose=0,
+        callbacks=[keras_stateful.LogLayerValues()],
+    ).history
+    np.testing.assert_allclose(history["center_loss"], history["loss"], rtol=1e-5)
+    np.testing.assert_allclose(
+        history["val_center_loss"], history["val_loss"], rtol=1e-5
+    )
+    # The validation value is the loss of the validation split with the
+    # final centers and features (evaluate updates nothing).
+    layer = model.get_layer("center_loss")
+    feats = np.asarray(
+        keras.Model(model.inputs, model.get_layer("features").output).predict(
+            [x[32:], y[32:]], verbose=0
+        )
+    )
+    centers = value_of(layer.centers)
+    expected = 0.5 * np.mean(0.5 * np.sum((feats - centers[y[32:]]) ** 2, axis=1))
+    np.testing.assert_allclose(history["val_center_loss"][-1], expected, rtol=1e-5)
+
+
+def test_loss_logged_at_epoch_end_only_and_in_evaluate(rng):
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, 16).astype("int32")
+    model = center_loss_model()
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append("center_loss" in logs)
+
+    logger = keras_stateful.LogLayerValues(every_batch=False)
+    history = model.fit(
+        [x, y], batch_size=8, verbose=0, callbacks=[logger, Spy()]
+    ).history
+    assert seen == [False, False]
+    np.testing.assert_allclose(history["center_loss"], history["loss"], rtol=1e-5)
+    loss = model.evaluate([x, y], verbose=0, callbacks=[logger])
+    np.testing.assert_allclose(logger.evaluation_values["center_loss"], loss, rtol=1e-5)
+
+
+def test_logging_never_touches_the_state(rng):
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.integers(0, 3, 8).astype("int32")
+    layer = seeded_layer()
+    layer([x, y], training=False)
+    before = state_of(layer)
+    layer([x, y], training=False)
+    assert layer.logged_values()["center_loss"] > 0
+    for name, value in state_of(layer).items():
+        np.testing.assert_array_equal(value, before[name])
+    layer.reset_logged_values()
+    assert np.isnan(layer.logged_values()["center_loss"])
+
+
+def test_empty_batch_adds_zero_loss_and_moves_nothing(rng):
+    layer = seeded_layer()
+    layer([rng.normal(size=(2, D)).astype("float32"), np.array([0, 1])], training=False)
+    before = state_of(layer)
+    empty = [np.zeros((0, D), "float32"), np.zeros((0,), "int32")]
+    out = layer(empty, training=True)
+    assert tuple(out.shape) == (0, D)
+    assert [float(keras.ops.convert_to_numpy(loss)) for loss in layer.losses] == [0.0]
+    for name, value in state_of(layer).items():
+        np.testing.assert_array_equal(value, before[name])

@@ -463,3 +463,52 @@ def test_row_commit_refuses_float_indices():
     layer = RowWriter()
     with pytest.raises(ValueError, match=r"1-D integer tensor.*float32.*int32"):
         layer([np.array([1.0], "float32"), np.ones((1, 2), "float32")], training=True)
+
+
+# ---- logged values ---------------------------------------------------------------
+
+
+class LogsBatchMean(keras_stateful.StatefulLayer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_logged_value("batch_mean")
+
+    def call(self, inputs, training=None):
+        self.log_value("batch_mean", ops.mean(inputs), count=ops.shape(inputs)[0])
+        return inputs
+
+
+def test_logged_value_is_a_batch_weighted_mean():
+    layer = LogsBatchMean()
+    layer(np.ones((1, 2), "float32"))
+    layer(np.full((3, 2), 5.0, "float32"), training=True)
+    assert layer.logged_values() == {"batch_mean": 4.0}
+
+
+def test_logging_an_undeclared_value_says_how_to_declare_it():
+    class Undeclared(keras_stateful.StatefulLayer):
+        def call(self, inputs):
+            self.log_value("oops", ops.mean(inputs))
+            return inputs
+
+    with pytest.raises(ValueError, match=r"add_logged_value\('oops'\)"):
+        Undeclared()(np.ones((2, 2), "float32"))
+
+
+def test_find_stateful_layers_sees_nested_models():
+    inner_in = keras.Input((3,))
+    inner = keras.Model(inner_in, MovingAverage(name="inner_ma")(inner_in))
+    outer_in = keras.Input((3,))
+    outer = keras.Model(outer_in, Accumulator(name="acc")(inner(outer_in)))
+    names = {layer.name for layer in keras_stateful.find_stateful_layers(outer)}
+    assert names == {"inner_ma", "acc"}
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="tracer leak is a JAX trap")
+def test_logging_inside_users_jax_jit_records_nothing_and_leaks_nothing():
+    import jax
+
+    layer = LogsBatchMean()
+    out = jax.jit(lambda x: layer(x, training=False))(jax.numpy.ones((2, 3)))
+    np.testing.assert_array_equal(np.asarray(out), np.ones((2, 3)))
+    assert np.isnan(layer.logged_values()["batch_mean"])

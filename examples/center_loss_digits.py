@@ -22,6 +22,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+import keras_stateful
 from keras_stateful.layers import CenterLoss
 
 NUM_CLASSES = 10
@@ -61,7 +62,14 @@ def run(name, with_center_loss, data, epochs, loss_weight):
     keras.utils.set_random_seed(0)
     model = build_model(with_center_loss, loss_weight)
     print(f"\n== {name}")
-    model.fit([x_train, y_train], y_train, batch_size=64, epochs=epochs, verbose=2)
+    model.fit(
+        [x_train, y_train],
+        y_train,
+        batch_size=64,
+        epochs=epochs,
+        verbose=2,
+        callbacks=[keras_stateful.LogLayerValues()],  # shows `center_loss`
+    )
     _, accuracy = model.evaluate([x_test, y_test], y_test, verbose=0)
     feature_model = keras.Model(model.inputs, model.get_layer("features").output)
     features = feature_model.predict([x_test, y_test], verbose=0)

@@ -6,8 +6,15 @@ PyTorch; `keras_stateful.layers` holds the layers built on it, and
 """
 
 from keras_stateful import layers
-from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.log_layer_values import LogLayerValues
+from keras_stateful.stateful_layer import StatefulLayer, find_stateful_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["StatefulLayer", "__version__", "layers"]
+__all__ = [
+    "LogLayerValues",
+    "StatefulLayer",
+    "__version__",
+    "find_stateful_layers",
+    "layers",
+]

@@ -124,17 +124,22 @@ def is_concrete(x: Tensor) -> bool:
     return False
 
 
+def can_assign(value: Tensor) -> bool:
+    """False for a JAX tracer outside a stateless scope (a user's `jax.jit`)."""
+    if BACKEND != "jax" or in_stateless_scope():
+        return True
+    import jax
+
+    return not isinstance(value, jax.core.Tracer)
+
+
 def check_assignable(value: Tensor, layer_name: str) -> None:
     """Refuse to store a JAX tracer in a variable outside a stateless scope.
 
     `layer(x, training=True)` inside a user's own `jax.jit` would otherwise
     leave a tracer in the variable and fail later, far from the cause.
     """
-    if BACKEND != "jax" or in_stateless_scope():
-        return
-    import jax
-
-    if isinstance(value, jax.core.Tracer):
+    if not can_assign(value):
         raise RuntimeError(
             f"Layer '{layer_name}' was called with training=True inside a "
             "jax transformation (jax.jit, jax.grad, ...) outside a Keras "

@@ -91,6 +91,7 @@ class StatefulLayer(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
+        self._logged: dict[str, tuple[keras.Variable, keras.Variable]] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -171,6 +172,71 @@ class StatefulLayer(keras.layers.Layer):
         for variable in self._state_variables:
             initializer = self._state_initializers[id(variable)]
             variable.assign(initializer(variable.shape, dtype=variable.dtype))
+
+    # ------------------------------------------------------------ logged values
+
+    def add_logged_value(self, name: str) -> None:
+        """Declare a value that `call()` reports with `log_value(name, ...)`.
+
+        The layer keeps its running mean (a sum and a count, float32
+        non-trainable weights, so they travel through `fit` on every backend,
+        JAX included) and `keras_stateful.LogLayerValues` shows it in the
+        `fit`/`evaluate` logs under `name`. A layer-owned `keras.metrics.Mean`
+        cannot do this on JAX in Keras 3: the JAX trainer does not carry
+        metric variables through the forward pass (keras-team/keras#21639).
+
+        Args:
+            name: The key in the logs, e.g. the layer's name.
+        """
+        if name in self._logged:
+            raise ValueError(f"Layer '{self.name}': logged value '{name}' exists.")
+        total, count = (
+            self.add_weight(
+                name=f"{name}_{part}",
+                shape=(),
+                dtype="float32",
+                initializer="zeros",
+                trainable=False,
+                autocast=False,
+            )
+            for part in ("total", "count")
+        )
+        self._logged[name] = (total, count)
+
+    def log_value(self, name: str, value: Tensor, count: Any = 1) -> None:
+        """Add `value` (a scalar, weighted by `count` samples) to a logged mean.
+
+        It is recorded in training and inference alike, like a Keras metric,
+        and never touches the state or the gradient. Inside a user's own
+        `jax.jit` (outside `stateless_call`) nothing is recorded.
+        """
+        if name not in self._logged:
+            raise ValueError(
+                f"Layer '{self.name}': no logged value '{name}'; declare it "
+                f"with `self.add_logged_value({name!r})` in __init__()."
+            )
+        value = ops.stop_gradient(ops.cast(value, "float32"))
+        if not _backend.can_assign(value):
+            return
+        count = ops.cast(count, "float32")
+        total, seen = self._logged[name]
+        _backend.assign(total, _backend.read_value(total) + value * count)
+        _backend.assign(seen, _backend.read_value(seen) + count)
+
+    def logged_values(self) -> dict[str, float]:
+        """The running means since the last reset, by name (NaN if none seen)."""
+        values = {}
+        for name, (total, seen) in self._logged.items():
+            count = float(ops.convert_to_numpy(seen))
+            total_value = float(ops.convert_to_numpy(total))
+            values[name] = total_value / count if count else float("nan")
+        return values
+
+    def reset_logged_values(self) -> None:
+        """Start the running means of `logged_values()` again from nothing."""
+        for total, seen in self._logged.values():
+            total.assign(0.0)
+            seen.assign(0.0)
 
     # ----------------------------------------------------------------- update
 
@@ -336,6 +402,12 @@ class StatefulLayer(keras.layers.Layer):
             training,
             ops.cast(_backend.read_value(self._state_updates_enabled), "bool"),
         )
+
+
+def find_stateful_layers(model: keras.layers.Layer) -> list[StatefulLayer]:
+    """Every `StatefulLayer` in `model` (itself included), nested ones too."""
+    layers = [model, *model._flatten_layers(include_self=False)]
+    return [layer for layer in layers if isinstance(layer, StatefulLayer)]
 
 
 def _all_finite(values: list[Tensor]) -> Tensor | None:

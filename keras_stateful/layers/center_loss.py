@@ -20,7 +20,9 @@ class CenterLoss(StatefulLayer):
     Called on `[features, labels]`, it returns `features` unchanged and adds
     `loss_weight * mean_i 0.5 * ||x_i - c_{y_i}||^2` to the model's losses,
     computed with the centers before this step's update (gradients reach the
-    features, never the centers). `fit` logs it as part of `loss`.
+    features, never the centers). It is part of `loss` in the `fit` logs, and
+    with the `keras_stateful.LogLayerValues()` callback it is also logged on
+    its own under the layer's name (`center_loss`, `val_center_loss`).
 
     In training, with `n_j` the number of samples of class `j` in the batch
     (Wen et al., Eq. 4, as in the Keras-2 example):
@@ -31,6 +33,8 @@ class CenterLoss(StatefulLayer):
     Classes absent from the batch do not move. Only the rows of the classes
     in the batch are computed and written (segment sums over the batch and a
     row scatter), so a step costs the same for 10 or 100,000 classes.
+
+    An empty batch (`B = 0`) adds a zero loss and updates nothing.
 
     Labels are integer class ids of shape `(B,)` or `(B, 1)`, or one-hot
     `(B, num_classes)`. An id outside `[0, num_classes)` raises a
@@ -87,6 +91,7 @@ class CenterLoss(StatefulLayer):
         self.centers_initializer = keras.initializers.get(centers_initializer)
         self.centers = None
         self.out_of_range_labels = None
+        self.add_logged_value(self.name)
 
     def build(self, input_shape: Any) -> None:
         features_shape, _ = self._split_shapes(input_shape)
@@ -109,6 +114,10 @@ class CenterLoss(StatefulLayer):
         features, labels = self._split_inputs(inputs)
         x = ops.cast(features, "float32")
         ids = self._class_ids(labels)
+        if x.shape[0] == 0:
+            # An empty batch: nothing to pull and nothing to update.
+            self.add_loss(ops.sum(x) * 0.0)
+            return features
         valid = ops.logical_and(ids >= 0, ids < self.num_classes)
         safe_ids = ops.where(valid, ids, 0)
         weight = ops.cast(valid, "float32")
@@ -119,6 +128,7 @@ class CenterLoss(StatefulLayer):
         loss = ops.sum(weight * distance) / ops.maximum(ops.sum(weight), 1.0)
         loss = self.loss_weight * loss
         self.add_loss(loss)
+        self.log_value(self.name, loss, count=ops.shape(x)[0])
 
         # n_j and sum_i x_i per class, over the batch only: each sample points
         # to the first sample of its class, and the sums gather there.
