@@ -75,3 +75,22 @@ def test_migration_guide_ports_run_and_update_in_training_only():
         np.testing.assert_allclose(
             value_of(layer.centers), before - 0.5 * delta, rtol=1e-5, atol=1e-6
         )
+
+
+def test_running_statistics_guide_runs():
+    guide = (ROOT / "docs" / "running-statistics.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", guide, re.S)
+    namespace = {}
+    exec(compile(blocks[0], "running-statistics.md", "exec"), namespace)
+    stats = namespace["stats"]
+    assert state_counter(stats) == 8  # 256 samples, batch size 32
+    exec(compile(blocks[1], "running-statistics.md", "exec"), namespace)
+    x_train = np.random.default_rng(0).normal(5.0, 2.0, (64, 8)).astype("float32")
+    namespace.update(averaged_weights=namespace["model"].get_weights(), x_train=x_train)
+    exec(compile(blocks[2], "running-statistics.md", "exec"), namespace)
+    standard = namespace["model"].layers[0]
+    np.testing.assert_allclose(value_of(standard.mean), x_train.mean(0), rtol=1e-5)
+
+
+def state_counter(layer):
+    return int(value_of(layer.counter))

@@ -6,6 +6,7 @@ PyTorch; `keras_stateful.layers` holds the layers built on it, and
 """
 
 from keras_stateful import layers
+from keras_stateful.calibrate import calibrate
 from keras_stateful.log_layer_values import LogLayerValues
 from keras_stateful.stateful_layer import StatefulLayer, find_stateful_layers
 
@@ -15,6 +16,7 @@ __all__ = [
     "LogLayerValues",
     "StatefulLayer",
     "__version__",
+    "calibrate",
     "find_stateful_layers",
     "layers",
 ]

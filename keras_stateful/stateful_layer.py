@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -172,6 +173,15 @@ class StatefulLayer(keras.layers.Layer):
         for variable in self._state_variables:
             initializer = self._state_initializers[id(variable)]
             variable.assign(initializer(variable.shape, dtype=variable.dtype))
+
+    def calibration(self) -> contextlib.AbstractContextManager[None]:
+        """A context in force while `keras_stateful.calibrate` runs the data.
+
+        Override it when recomputing the state from scratch calls for other
+        settings (e.g. `MovingMoments` switches to the cumulative average).
+        Defaults to a context that changes nothing.
+        """
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------ logged values
 

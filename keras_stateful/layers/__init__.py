@@ -2,5 +2,12 @@
 
 from keras_stateful.layers.center_loss import CenterLoss
 from keras_stateful.layers.moving_average import MovingAverage
+from keras_stateful.layers.moving_moments import MovingMoments
+from keras_stateful.layers.running_standardization import RunningStandardization
 
-__all__ = ["CenterLoss", "MovingAverage"]
+__all__ = [
+    "CenterLoss",
+    "MovingAverage",
+    "MovingMoments",
+    "RunningStandardization",
+]

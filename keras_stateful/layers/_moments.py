@@ -1,0 +1,78 @@
+"""Per-feature batch moments shared by the running-statistics layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from keras import ops
+
+from keras_stateful import _backend
+from keras_stateful.types import Tensor
+
+
+def feature_axes(ndim: int, axis: int | Sequence[int], layer_name: str) -> list[int]:
+    """The non-negative feature axes, with a clear error when out of range."""
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    resolved = []
+    for a in axes:
+        if not isinstance(a, int) or not -ndim <= a < ndim or a % ndim == 0:
+            raise ValueError(
+                f"Layer '{layer_name}': feature axis {a!r} does not fit an input "
+                f"of rank {ndim} (axis 0 is the batch). Pass e.g. `axis=-1` for "
+                "channels-last features."
+            )
+        resolved.append(a % ndim)
+    return sorted(set(resolved))
+
+
+def batch_moments(
+    inputs: Tensor,
+    reduce_axes: Sequence[int],
+    mask: Tensor | None = None,
+    shift: Tensor | None = None,
+    shift_valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(count, shift, mean - shift, m2)` over `reduce_axes`, over all replicas.
+
+    The batch mean is `shift + (mean - shift)`; the two parts are returned
+    apart so that a caller can use the small difference without rounding it
+    to the precision of a large mean. `m2` is the sum of squared deviations
+    from the mean. The sums are taken of `x - shift` (e.g. the stored mean;
+    a first-pass batch mean where `shift` is None or `shift_valid` is false,
+    as for a first batch), so a large common offset (values around 1e6) does
+    not cancel the variance away in float32. Masked-out values (mask false
+    or 0) are left out, whatever they hold; when nothing is left the mean
+    offset is NaN. The
+    results keep the reduced axes (size 1).
+    """
+    x = ops.cast(inputs, "float32")
+    if mask is None:
+        weight = ops.ones_like(x)
+    else:
+        weight = ops.cast(mask, "float32")
+        while len(weight.shape) < len(x.shape):
+            weight = ops.expand_dims(weight, -1)
+        weight = ops.broadcast_to(weight, ops.shape(x))
+    present = weight > 0
+    x = ops.where(present, x, 0.0)
+    axes = tuple(reduce_axes)
+
+    def global_sum(values: Tensor) -> Tensor:
+        return _backend.cross_replica_sum(ops.sum(values, axis=axes, keepdims=True))
+
+    count = global_sum(weight)
+    safe_count = ops.maximum(count, 1e-30)
+    if shift is None or shift_valid is not None:
+        first_pass = global_sum(weight * x) / safe_count
+        shift = (
+            first_pass if shift is None else ops.where(shift_valid, shift, first_pass)
+        )
+    centred = ops.where(present, x - shift, 0.0)
+    first = global_sum(weight * centred)
+    second = global_sum(weight * ops.square(centred))
+    mean_offset = first / safe_count
+    m2 = ops.maximum(second - first * mean_offset, 0.0)
+    # Nothing seen (an empty or fully masked batch): a NaN mean, so that the
+    # base class's non-finite guard skips the update and counts the skip.
+    mean_offset = ops.where(count > 0, mean_offset, float("nan"))
+    return count, shift, mean_offset, m2
