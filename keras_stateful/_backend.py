@@ -35,6 +35,19 @@ def read_value(variable: keras.Variable) -> Tensor:
     return value
 
 
+def snapshot(value: Tensor) -> Tensor:
+    """`value` as it is now, safe to return after the state is committed.
+
+    PyTorch writes state in place, so a tensor that shares a variable's
+    storage (`read_value(variable)`) shows the new value once the layer
+    commits; a copy keeps the old one. JAX arrays are immutable and a
+    TensorFlow variable read is a value, so elsewhere this is free.
+    """
+    if BACKEND == "torch":
+        return value.clone()
+    return value
+
+
 def read_rows(variable: keras.Variable, indices: Tensor) -> Tensor:
     """`variable[indices]`, reading only those rows where the backend allows.
 

@@ -258,7 +258,15 @@ class StatefulLayer(keras.layers.Layer):
         """Store new values in state variables when the layer is updating.
 
         The values of one call are committed together: either all of them
-        (the layer is updating and every value is finite) or none.
+        (the layer is updating and every value is finite) or none. Reading
+        a state variable after `commit_state` in the same call gives the
+        value now stored, on every backend (the new one, or the old one when
+        the layer did not update); `FakeQuant` and `RunningStandardization`
+        use that to work with the range and statistics including the batch.
+        A tensor read *before* the commit keeps its value on JAX and
+        TensorFlow, but on PyTorch one that shares the variable's storage
+        (the variable's own `.value`) shows the new value afterwards: copy it
+        (`ops.copy`) before committing if the layer returns it.
 
         Args:
             *updates: `(variable, new_value)` pairs, where `new_value` has the

@@ -1,12 +1,16 @@
 """The stateful layers of keras_stateful."""
 
 from keras_stateful.layers.center_loss import CenterLoss
+from keras_stateful.layers.fake_quant import FakeQuant
+from keras_stateful.layers.memory_queue import MemoryQueue
 from keras_stateful.layers.moving_average import MovingAverage
 from keras_stateful.layers.moving_moments import MovingMoments
 from keras_stateful.layers.running_standardization import RunningStandardization
 
 __all__ = [
     "CenterLoss",
+    "FakeQuant",
+    "MemoryQueue",
     "MovingAverage",
     "MovingMoments",
     "RunningStandardization",

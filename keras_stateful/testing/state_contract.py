@@ -270,17 +270,27 @@ class ContractScale(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="keras_stateful.testing")
 class ContractScore(keras.layers.Layer):
-    """Reduces any outputs to one float32 score per sample of `reference`."""
+    """Reduces any outputs to one float32 score per sample of the inputs.
 
-    def call(self, outputs: Any, reference: Any) -> Any:
+    The layer's inputs enter with weight zero, so the trainable scale always
+    has a gradient path, also for a layer whose outputs do not depend on its
+    inputs differentiably (a queue returning stored keys).
+    """
+
+    def call(self, outputs: Any, inputs: Any) -> Any:
         total = ops.zeros((), "float32")
         for output in keras.tree.flatten(outputs):
             if keras.backend.is_float_dtype(output.dtype):
                 total = total + ops.mean(ops.cast(output, "float32"))
-        return ops.ones((ops.shape(reference)[0], 1), "float32") * total
+        inputs = keras.tree.flatten(inputs)
+        for tensor in inputs:
+            if keras.backend.is_float_dtype(tensor.dtype):
+                total = total + 0.0 * ops.mean(ops.cast(tensor, "float32"))
+        return ops.ones((ops.shape(inputs[0])[0], 1), "float32") * total
 
-    def compute_output_shape(self, outputs_shape: Any, reference_shape: Any) -> Any:
-        return (reference_shape[0], 1)
+    def compute_output_shape(self, outputs_shape: Any, inputs_shape: Any) -> Any:
+        first = inputs_shape[0]
+        return (first[0] if isinstance(first, (list, tuple)) else first, 1)
 
 
 def _probe(
@@ -295,7 +305,7 @@ def _probe(
         for t, a in zip(model_inputs, arrays, strict=True)
     ]
     outputs = layer(layer_inputs if multi else layer_inputs[0])
-    score = ContractScore(dtype="float32")(outputs, model_inputs[0])
+    score = ContractScore(dtype="float32")(outputs, layer_inputs)
     return keras.Model(model_inputs if multi else model_inputs[0], score), layer
 
 
