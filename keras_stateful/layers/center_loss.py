@@ -130,6 +130,21 @@ class CenterLoss(StatefulLayer):
         self.add_loss(loss)
         self.log_value(self.name, loss, count=ops.shape(x)[0])
 
+        # In a data-parallel run the update uses every replica's batch (all
+        # replicas then commit the same rows); on one device, this batch.
+        x, present = _backend.cross_replica_gather(x)
+        skipped = ops.sum(1 - ops.cast(valid, "int32"))
+        if present is not None:
+            ids = _backend.cross_replica_gather(ids)[0]
+            labelled = _backend.cross_replica_gather(valid)[0]
+            valid = ops.logical_and(present, labelled)
+            skipped = ops.sum(
+                ops.cast(ops.logical_and(present, ops.logical_not(labelled)), "int32")
+            )
+            safe_ids = ops.where(valid, ids, 0)
+            weight = ops.cast(valid, "float32")
+            own_centers = _backend.read_rows(self.centers, safe_ids)
+
         # n_j and sum_i x_i per class, over the batch only: each sample points
         # to the first sample of its class, and the sums gather there.
         same_class = ops.logical_and(
@@ -152,7 +167,6 @@ class CenterLoss(StatefulLayer):
         new_rows = ops.where(
             valid[:, None], new_rows, ops.take(new_rows, first_valid, axis=0)
         )
-        skipped = ops.sum(1 - ops.cast(valid, "int32"))
         self.commit_state(
             (self.centers, rows_at, new_rows),
             (self.out_of_range_labels, self.out_of_range_labels + skipped),

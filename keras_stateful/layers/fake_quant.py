@@ -219,6 +219,8 @@ class FakeQuant(StatefulLayer):
             reduce = tuple(i for i in range(self._rank) if i != self._channel_axis)
             batch_min = ops.min(observed, axis=reduce)
             batch_max = ops.max(observed, axis=reduce)
+        batch_min = _backend.cross_replica_min(batch_min)
+        batch_max = _backend.cross_replica_max(batch_max)
         observations = _backend.read_value(self.observations)
         first = observations == 0
         self.commit_state(

@@ -145,15 +145,32 @@ class MemoryQueue(StatefulLayer):
         if self.normalize:
             norm = ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
             x = x / ops.maximum(norm, 1e-12)
-        static = shape[0] if isinstance(shape[0], int) else None
-        batch = static if static is not None else ops.shape(keys)[0]
-        offsets = ops.arange(batch, dtype="int32")
+        # In a data-parallel run every replica enqueues all replicas' keys,
+        # in replica order (MoCo's concat_all_gather); padding rows of
+        # uneven batches sort last and are not written.
+        x, present = _backend.cross_replica_gather(x)
+        if present is None:
+            static = shape[0] if isinstance(shape[0], int) else None
+            batch = static if static is not None else ops.shape(keys)[0]
+            offsets = ops.arange(batch, dtype="int32")
+        else:
+            static = None
+            offsets = ops.arange(ops.shape(x)[0], dtype="int32")
+            real_first = ops.where(present, offsets, offsets + ops.shape(x)[0])
+            x = ops.take(x, ops.argsort(real_first), axis=0)
+            batch = ops.sum(ops.cast(present, "int32"))
+            # Rows past the real keys repeat the last real key's write.
+            offsets = ops.minimum(offsets, ops.maximum(batch - 1, 0))
         slots = ops.mod(pointer + offsets, self.size)
         if static is None or static > self.size:
             last = offsets + self.size * ops.floor_divide(
                 batch - 1 - offsets, self.size
             )
-            x = ops.take(x, last, axis=0)
+            x = ops.take(x, ops.maximum(last, 0), axis=0)
+        if present is not None:
+            # No real key at all: write back what the slots hold.
+            old_rows = _backend.read_rows(self.queue, slots)
+            x = ops.where(batch > 0, x, old_rows)
         self.commit_state(
             (self.queue, slots, x),
             (self.pointer, ops.mod(pointer + batch, self.size)),
