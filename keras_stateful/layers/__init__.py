@@ -6,6 +6,7 @@ from keras_stateful.layers.memory_queue import MemoryQueue
 from keras_stateful.layers.moving_average import MovingAverage
 from keras_stateful.layers.moving_moments import MovingMoments
 from keras_stateful.layers.running_standardization import RunningStandardization
+from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 
 __all__ = [
     "CenterLoss",
@@ -14,4 +15,5 @@ __all__ = [
     "MovingAverage",
     "MovingMoments",
     "RunningStandardization",
+    "VectorQuantizerEMA",
 ]

@@ -1,0 +1,196 @@
+"""Train a model holding every stateful layer, on one device or data-parallel.
+
+Run as a script by `test_distributed.py` (each engine needs its own process):
+
+    python -m backends_test.distributed_worker single OUT.npz
+    python -m backends_test.distributed_worker jax-data-parallel OUT.npz  # 4 devices
+    python -m backends_test.distributed_worker tf-mirrored OUT.npz  # 2 CPU devices
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
+        python -m backends_test.distributed_worker torch-ddp OUT.npz  # one per rank
+
+It writes the state variables of every stateful layer (by path) to OUT.npz.
+The same global batches are used everywhere; the data-parallel runs must end
+with the state of the single-device run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MODE = sys.argv[1] if __name__ == "__main__" else "single"
+if MODE == "jax-data-parallel":
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+elif MODE == "tf-mirrored":
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+elif MODE == "torch-ddp":
+    os.environ["KERAS_BACKEND"] = "torch"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+import keras_stateful  # noqa: E402
+from keras_stateful import layers  # noqa: E402
+
+GLOBAL_BATCH = 16
+STEPS = 3
+FEATURES = 6
+CLASSES = 4
+
+
+class AddQueue(keras.layers.Layer):
+    """Score per sample, plus the (zero-weighted) queue so that it is used."""
+
+    def call(self, scores, queue):
+        return scores + 0.0 * ops.mean(queue)
+
+
+def data():
+    rng = np.random.default_rng(7)
+    n = GLOBAL_BATCH * STEPS
+    x = rng.normal(2.0, 3.0, (n, FEATURES)).astype("float32")
+    # Uneven classes: class 0 is frequent, class 3 rare.
+    y = rng.choice(CLASSES, size=n, p=[0.5, 0.25, 0.15, 0.1]).astype("int32")
+    target = rng.normal(size=(n, 1)).astype("float32")
+    return x, y, target
+
+
+def build_model():
+    seed = keras.initializers.RandomNormal(seed=1)
+    features = keras.Input((FEATURES,), name="features")
+    labels = keras.Input((), dtype="int32", name="labels")
+    h = layers.RunningStandardization(name="standardize")(features)
+    h = keras.layers.Dense(FEATURES, kernel_initializer=seed, name="dense")(h)
+    h = layers.MovingMoments(momentum=0.9, name="moments")(h)
+    h = layers.MovingAverage(0.9, name="average")(h)
+    h = layers.FakeQuant(num_bits=8, name="quant")(h)
+    h = layers.CenterLoss(
+        CLASSES, loss_weight=0.1, centers_initializer=seed, name="centers"
+    )([h, labels])
+    h = layers.VectorQuantizerEMA(
+        8, FEATURES, embeddings_initializer=seed, name="codebook"
+    )(h)
+    queue = layers.MemoryQueue(10, name="queue")(h)
+    scores = keras.layers.Dense(1, kernel_initializer=seed, name="head")(h)
+    return keras.Model([features, labels], AddQueue()(scores, queue))
+
+
+def states(model):
+    """Every state variable by path; on TF, each replica's copy as `path@i`."""
+    result = {}
+    for layer in keras_stateful.find_stateful_layers(model):
+        for variable in layer.state_variables:
+            copies = getattr(variable.value, "values", None)
+            if isinstance(copies, tuple):  # a tf.distribute mirrored variable
+                for i, copy in enumerate(copies):
+                    result[f"{variable.path}@{i}"] = np.array(copy.numpy())
+            else:
+                result[variable.path] = np.array(ops.convert_to_numpy(variable))
+    return result
+
+
+def fit(model):
+    x, y, target = data()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    model.fit(
+        [x, y], target, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0
+    )
+    return states(model)
+
+
+def run_single():
+    keras.utils.set_random_seed(0)
+    return fit(build_model())
+
+
+def run_jax_data_parallel():
+    import jax
+
+    devices = jax.devices()
+    assert len(devices) == 4, devices
+    keras.distribution.set_distribution(
+        keras.distribution.DataParallel(devices=devices)
+    )
+    keras.utils.set_random_seed(0)
+    return fit(build_model())
+
+
+def run_tf_mirrored():
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = build_model()
+        result = fit(model)
+    return result
+
+
+def run_torch_ddp():
+    """A DDP training loop (Keras's guide) with uneven per-rank batches."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keras.utils.set_random_seed(0)
+    model = build_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y, target = data()
+    # Rank 0 takes 9 samples of each global batch of 16, rank 1 the other 7.
+    split = [9, GLOBAL_BATCH - 9] if world == 2 else [GLOBAL_BATCH]
+    start = sum(split[:rank])
+    for step in range(STEPS):
+        rows = slice(
+            step * GLOBAL_BATCH + start, step * GLOBAL_BATCH + start + split[rank]
+        )
+        inputs = [torch.tensor(x[rows]), torch.tensor(y[rows])]
+        optimizer.zero_grad()
+        outputs = ddp(inputs, training=True)
+        # Local sums scaled so that DDP's mean over ranks is the global mean.
+        share = split[rank] / GLOBAL_BATCH * world
+        loss = torch.mean((outputs - torch.tensor(target[rows])) ** 2) * share
+        loss = loss + sum(model.losses) * share
+        loss.backward()
+        optimizer.step()
+    result = states(model)
+    dist.destroy_process_group()
+    return result
+
+
+def run_torch_single():
+    """The same loop as `run_torch_ddp`, on one process and whole batches."""
+    import torch
+
+    keras.utils.set_random_seed(0)
+    model = build_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y, target = data()
+    for step in range(STEPS):
+        rows = slice(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
+        optimizer.zero_grad()
+        outputs = model([torch.tensor(x[rows]), torch.tensor(y[rows])], training=True)
+        loss = torch.mean((outputs - torch.tensor(target[rows])) ** 2)
+        loss = loss + sum(model.losses)
+        loss.backward()
+        optimizer.step()
+    return states(model)
+
+
+RUNS = {
+    "single": run_single,
+    "jax-data-parallel": run_jax_data_parallel,
+    "tf-mirrored": run_tf_mirrored,
+    "torch-ddp": run_torch_ddp,
+    "torch-single": run_torch_single,
+}
+
+if __name__ == "__main__":
+    np.savez(sys.argv[2], **RUNS[MODE]())

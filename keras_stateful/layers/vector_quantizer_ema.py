@@ -1,0 +1,445 @@
+"""`VectorQuantizerEMA`: the VQ-VAE codebook kept by exponential moving averages."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_stateful import _backend
+from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.types import Tensor
+
+# The nearest-code search holds at most this many distances at once (16 MiB
+# in float32); a larger (inputs x codes) matrix is searched in chunks of codes.
+_SEARCH_ELEMENTS = 2**22
+_MIN_CODES_PER_CHUNK = 256
+
+
+@keras.saving.register_keras_serializable(package="keras_stateful")
+class VectorQuantizerEMA(StatefulLayer):
+    """Vector quantizer of VQ-VAE whose codebook follows moving averages (Sonnet's).
+
+    Every vector along the last axis of the input is replaced by its nearest
+    code `e_k` of the `(K, D)` codebook `layer.embeddings`. The layer returns
+    the quantized vectors with the straight-through estimator,
+    `x + stop_gradient(q - x)` (the forward value is `q`, the gradient reaches
+    `x` unchanged), and adds the commitment loss
+    `commitment_cost * mean((stop_gradient(q) - x)^2)` to the model's losses.
+    `q` and the loss use the codebook as it was before this step's update.
+    The codebook has no gradient and no optimizer: it is state.
+
+    In training, with the inputs flattened to `x_i` (`N x D`), `z_i = argmin_k
+    ||x_i - e_k||^2` (computed as `||x||^2 - 2 x E^T + ||e||^2`), decay `g`
+    and `counter` the number of updates so far, exactly as DeepMind Sonnet's
+    `VectorQuantizerEMA` (both moving averages zero-debiased, hidden values
+    starting at zeros):
+
+    - `counter = counter + 1`
+    - `ema_cluster_size_hidden = ema_cluster_size_hidden
+      - (ema_cluster_size_hidden - n_k) * (1 - g)`, with `n_k = #{i: z_i = k}`
+    - `ema_dw_hidden = ema_dw_hidden - (ema_dw_hidden - s_k) * (1 - g)`, with
+      `s_k = sum_{i: z_i = k} x_i`
+    - `ema_cluster_size = ema_cluster_size_hidden / (1 - g**counter)`, and
+      `ema_dw = ema_dw_hidden / (1 - g**counter)` (`N_k` and `M_k`)
+    - `n = sum_k N_k`; `Ñ_k = (N_k + epsilon) / (n + K * epsilon) * n`
+      (Laplace smoothing)
+    - `embeddings = M_k / Ñ_k`
+
+    As in Sonnet, a code that no input chose in the first training batch has
+    `M_k = 0` and moves to the origin. With `restart_threshold=t`, after the
+    update every code with `N_k < t` is restarted instead: its embedding
+    becomes an input vector of the current batch drawn uniformly at random
+    (with replacement, from the layer's own seed generator, so it works in
+    compiled `fit` on every backend), `N_k = t` and `M_k = t * embedding`
+    (hidden values to match). A restarted code that attracts no input falls
+    below `t` again and is re-seeded at the next step. The generator advances
+    only with a committed update. In data-parallel training every replica
+    draws the same positions in its own batch and the new embedding is the
+    mean of those replicas' vectors, so that all replicas keep one codebook.
+
+    The counts and sums are segment sums over the codes (never an `N x K`
+    one-hot), summed over replicas before the update, and the search holds
+    about 4.2 million distances at a time at most (a larger `N x K` is
+    searched in chunks of codes, in a loop). Statistics and state are float32
+    whatever the input dtype; the output has the layer's compute dtype.
+
+    With the `keras_stateful.LogLayerValues()` callback, the `fit` and
+    `evaluate` logs show, per batch and averaged over the epoch (weighted by
+    batch size):
+
+    - `{name}_perplexity`: `exp(-sum_k p_k log(p_k + 1e-10))`, `p_k = n_k / N`,
+      the codebook perplexity of the batch (as Sonnet reports it);
+    - `{name}_usage`: the fraction of the `K` codes chosen by at least one
+      input of the batch (per batch, so it is comparable between training
+      and validation and needs no threshold);
+    - `{name}_commitment_loss`: the loss this layer adds.
+
+    **`trainable=False`** stops the updates (recompile after changing it);
+    `freeze_state()` stops them while training goes on.
+
+    Args:
+        num_embeddings: Number of codes `K`.
+        embedding_dim: Size `D` of a code; the last axis of the input.
+        commitment_cost: Weight `beta` of the commitment loss. Defaults to
+            `0.25`.
+        decay: Decay `g` of the moving averages, in `[0, 1)`. Defaults to
+            `0.99`.
+        epsilon: Laplace smoothing `epsilon` of the counts, `> 0`. Defaults
+            to `1e-5`.
+        embeddings_initializer: Initializer of the `(K, D)` codebook, also
+            used by `reset_state()`. Defaults to `None`: Sonnet's
+            `VarianceScaling(distribution="uniform")` of its `(D, K)`
+            codebook, i.e. `keras.initializers.VarianceScaling(scale=1.0,
+            mode="fan_out", distribution="uniform", seed=seed)` here, uniform
+            in `[-sqrt(3 / D), sqrt(3 / D)]`.
+        restart_threshold: Restart codes whose `ema_cluster_size` falls below
+            this value (a moving count of inputs per batch), `> 0`. Defaults
+            to `None` (no restart, as in Sonnet).
+        seed: Integer seed of the default initializer and of the restarts.
+            Defaults to `None`: a seed drawn when the layer is created, so
+            `keras.utils.set_random_seed()` makes runs repeatable and
+            `reset_state()` restores the same codebook.
+        **kwargs: `StatefulLayer` arguments (`guard_non_finite`, `name`, ...).
+
+    Call arguments:
+        inputs: A float tensor of shape `(batch, ..., embedding_dim)`, e.g.
+            an encoder's `(B, H, W, D)` output.
+        training: Whether the call is in training mode (updates the codebook).
+
+    Example:
+
+    ```python
+    z = encoder(images)  # (B, H, W, 64)
+    vq = keras_stateful.layers.VectorQuantizerEMA(512, 64, seed=0, name="vq")
+    reconstruction = decoder(vq(z))  # the commitment loss joins the model loss
+    model.fit(images, images, callbacks=[keras_stateful.LogLayerValues()])
+    # logs: vq_perplexity, vq_usage, vq_commitment_loss
+    ```
+
+    Reference:
+        - [van den Oord et al., 2017](https://arxiv.org/abs/1711.00937)
+          (VQ-VAE; Appendix A.1 for the moving averages), and Sonnet's
+          [`VectorQuantizerEMA`](https://github.com/google-deepmind/sonnet/blob/v2/sonnet/src/nets/vqvae.py)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        commitment_cost: float = 0.25,
+        decay: float = 0.99,
+        epsilon: float = 1e-5,
+        embeddings_initializer: Any = None,
+        restart_threshold: float | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        for arg, value in (
+            ("num_embeddings", num_embeddings),
+            ("embedding_dim", embedding_dim),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"VectorQuantizerEMA: {arg} must be an int >= 1; received "
+                    f"{arg}={value!r}. Write e.g. `VectorQuantizerEMA("
+                    "num_embeddings=512, embedding_dim=64)`."
+                )
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(
+                f"VectorQuantizerEMA: decay must be in [0, 1); received "
+                f"decay={decay!r}. Sonnet's default is decay=0.99 (keeps 99% "
+                "of the old average)."
+            )
+        if not epsilon > 0.0:
+            raise ValueError(
+                f"VectorQuantizerEMA: epsilon must be > 0 (it keeps unused "
+                f"codes from a division by zero); received epsilon={epsilon!r}. "
+                "Write e.g. `epsilon=1e-5`."
+            )
+        if not commitment_cost >= 0.0:
+            raise ValueError(
+                "VectorQuantizerEMA: commitment_cost must be >= 0; received "
+                f"commitment_cost={commitment_cost!r}. Write e.g. "
+                "`commitment_cost=0.25`."
+            )
+        if restart_threshold is not None and not restart_threshold > 0.0:
+            raise ValueError(
+                "VectorQuantizerEMA: restart_threshold must be None (no "
+                "restarts) or > 0, a moving count of inputs per batch; "
+                f"received restart_threshold={restart_threshold!r}. Write e.g. "
+                "`restart_threshold=1.0`."
+            )
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(
+                f"VectorQuantizerEMA: seed must be None or an int; received "
+                f"seed={seed!r}. Write e.g. `seed=0`."
+            )
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.commitment_cost = float(commitment_cost)
+        self.decay = float(decay)
+        self.epsilon = float(epsilon)
+        self.restart_threshold = (
+            None if restart_threshold is None else float(restart_threshold)
+        )
+        self.seed = seed
+        if embeddings_initializer is None:
+            embeddings_initializer = keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_out", distribution="uniform", seed=seed
+            )
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.seed_generator = (
+            None
+            if self.restart_threshold is None
+            else keras.random.SeedGenerator(seed, name="restart_seed_generator")
+        )
+        self.embeddings = None
+        self.ema_cluster_size = None
+        self.ema_dw = None
+        self.ema_cluster_size_hidden = None
+        self.ema_dw_hidden = None
+        self.counter = None
+        for key in ("perplexity", "usage", "commitment_loss"):
+            self.add_logged_value(f"{self.name}_{key}")
+
+    def build(self, input_shape: Any) -> None:
+        self._check_shape(tuple(input_shape))
+        codes, dim = self.num_embeddings, self.embedding_dim
+        self.embeddings = self.add_state(
+            "embeddings", (codes, dim), initializer=self.embeddings_initializer
+        )
+        self.ema_cluster_size = self.add_state("ema_cluster_size", (codes,))
+        self.ema_dw = self.add_state("ema_dw", (codes, dim))
+        self.ema_cluster_size_hidden = self.add_state(
+            "ema_cluster_size_hidden", (codes,)
+        )
+        self.ema_dw_hidden = self.add_state("ema_dw_hidden", (codes, dim))
+        self.counter = self.add_state("counter", (), dtype="int32")
+
+    def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
+        shape = tuple(inputs.shape)
+        self._check_shape(shape)
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if not keras.backend.is_float_dtype(dtype):
+            raise TypeError(
+                f"Layer '{self.name}': inputs must be floating point vectors; "
+                f"received dtype {dtype}. Cast them first, e.g. "
+                '`ops.cast(x, "float32")`, or embed integer ids with '
+                "`keras.layers.Embedding`."
+            )
+        x = ops.cast(inputs, "float32")
+        if any(dim == 0 for dim in shape[:-1]):
+            # No vectors: nothing to quantize, to log or to update.
+            self.add_loss(ops.sum(x) * 0.0)
+            return ops.cast(x, self.compute_dtype)
+
+        # Search and loss with the codebook before the update.
+        embeddings = _backend.read_value(self.embeddings)
+        flat = ops.stop_gradient(ops.reshape(x, (-1, self.embedding_dim)))
+        codes = self._nearest_codes(flat, embeddings)
+        quantized = ops.reshape(ops.take(embeddings, codes, axis=0), ops.shape(x))
+        loss = self.commitment_cost * ops.mean(
+            ops.square(ops.stop_gradient(quantized) - x)
+        )
+        self.add_loss(loss)
+        outputs = x + ops.stop_gradient(quantized - x)
+
+        updating = self._may_update(training)
+        counts, sums = self._code_statistics(flat, codes, with_sums=updating)
+        counts = _backend.cross_replica_sum(counts)
+        batch = ops.shape(inputs)[0]
+        self._log(counts, loss, batch)
+        if updating:
+            self._update(_backend.cross_replica_sum(sums), counts, flat, training)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return tuple(input_shape)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "commitment_cost": self.commitment_cost,
+            "decay": self.decay,
+            "epsilon": self.epsilon,
+            "embeddings_initializer": keras.initializers.serialize(
+                self.embeddings_initializer
+            ),
+            "restart_threshold": self.restart_threshold,
+            "seed": self.seed,
+        }
+
+    # ------------------------------------------------------------- the steps
+
+    def _nearest_codes(self, flat: Tensor, embeddings: Tensor) -> Tensor:
+        """`argmin_k ||x_i - e_k||^2` as int32 `(N,)`, first index on ties."""
+        codes = self.num_embeddings
+        x_sq = ops.sum(ops.square(flat), axis=1, keepdims=True)
+        e_sq = ops.sum(ops.square(embeddings), axis=1)
+        # -2 x E^T as (-2 x) E^T: the same numbers (a power of 2 scales
+        # exactly), one pass over N x K less where nothing fuses (PyTorch).
+        minus_2x = -2.0 * flat
+        per_chunk = self._codes_per_chunk(flat.shape[0])
+        if per_chunk >= codes:
+            distances = (
+                x_sq + ops.matmul(minus_2x, ops.transpose(embeddings)) + e_sq[None, :]
+            )
+            return ops.cast(ops.argmin(distances, axis=1), "int32")
+
+        # Chunks of codes, the last one padded with codes at infinite distance;
+        # a later chunk wins only when strictly nearer, as argmin's first index.
+        chunks = -(-codes // per_chunk)
+        pad = chunks * per_chunk - codes
+        if pad:
+            embeddings = ops.concatenate(
+                [embeddings, ops.zeros((pad, self.embedding_dim), "float32")], axis=0
+            )
+            e_sq = ops.concatenate([e_sq, ops.full((pad,), math.inf, "float32")])
+        embeddings = ops.reshape(embeddings, (chunks, per_chunk, self.embedding_dim))
+        e_sq = ops.reshape(e_sq, (chunks, per_chunk))
+
+        def search(chunk: Any, best: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            best_distance, best_code = best
+            block = ops.take(embeddings, chunk, axis=0)
+            distances = (
+                x_sq
+                + ops.matmul(minus_2x, ops.transpose(block))
+                + ops.take(e_sq, chunk, axis=0)[None, :]
+            )
+            code = ops.cast(ops.argmin(distances, axis=1), "int32")
+            distance = ops.take_along_axis(distances, code[:, None], axis=1)[:, 0]
+            nearer = distance < best_distance
+            code = code + ops.cast(chunk, "int32") * per_chunk
+            return (
+                ops.where(nearer, distance, best_distance),
+                ops.where(nearer, code, best_code),
+            )
+
+        start = ops.zeros_like(x_sq[:, 0])
+        best = (start + math.inf, ops.cast(start, "int32"))
+        return ops.fori_loop(0, chunks, search, best)[1]
+
+    def _codes_per_chunk(self, rows: int | None) -> int:
+        if rows is None:
+            return max(_SEARCH_ELEMENTS // 4096, _MIN_CODES_PER_CHUNK)
+        return max(_SEARCH_ELEMENTS // max(int(rows), 1), _MIN_CODES_PER_CHUNK)
+
+    def _code_statistics(
+        self, flat: Tensor, codes: Tensor, *, with_sums: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """`n_k` `(K,)` and, if asked, `s_k` `(K, D)`, by segment sums."""
+        counts = ops.segment_sum(
+            ops.ones_like(codes, dtype="float32"), codes, self.num_embeddings
+        )
+        sums = ops.segment_sum(flat, codes, self.num_embeddings) if with_sums else None
+        return counts, sums
+
+    def _log(self, counts: Tensor, loss: Tensor, batch: Any) -> None:
+        probs = counts / ops.maximum(ops.sum(counts), 1.0)
+        perplexity = ops.exp(-ops.sum(probs * ops.log(probs + 1e-10)))
+        usage = ops.mean(ops.cast(counts > 0, "float32"))
+        self.log_value(f"{self.name}_perplexity", perplexity, count=batch)
+        self.log_value(f"{self.name}_usage", usage, count=batch)
+        self.log_value(f"{self.name}_commitment_loss", loss, count=batch)
+
+    def _update(
+        self, sums: Tensor, counts: Tensor, flat: Tensor, training: Any
+    ) -> None:
+        keep = 1.0 - self.decay
+        counter = _backend.read_value(self.counter) + 1
+        size_hidden = _backend.read_value(self.ema_cluster_size_hidden)
+        dw_hidden = _backend.read_value(self.ema_dw_hidden)
+        size_hidden = size_hidden - (size_hidden - counts) * keep
+        dw_hidden = dw_hidden - (dw_hidden - sums) * keep
+        decay = ops.convert_to_tensor(self.decay, "float32")
+        debias = 1.0 - ops.power(decay, ops.cast(counter, "float32"))
+        cluster_size = size_hidden / debias
+        dw = dw_hidden / debias
+        total = ops.sum(cluster_size)
+        smoothed = (
+            (cluster_size + self.epsilon)
+            / (total + self.num_embeddings * self.epsilon)
+            * total
+        )
+        embeddings = dw / smoothed[:, None]
+
+        extra = []
+        if self.restart_threshold is not None and self.seed_generator is not None:
+            threshold = self.restart_threshold
+            dead = cluster_size < threshold
+            rows = ops.cast(ops.shape(flat)[0], "float32")
+            # Draw from the generator's current seed, and advance it only
+            # with the update: a frozen or skipped step leaves it alone.
+            seed = _backend.read_value(self.seed_generator.state)
+            draw = keras.random.uniform((self.num_embeddings,), seed=_SeedValue(seed))
+            next_seed = seed + ops.convert_to_tensor([0, 1], dtype=seed.dtype)
+            picks = ops.minimum(
+                ops.cast(ops.floor(draw * rows), "int32"),
+                ops.cast(rows, "int32") - 1,
+            )
+            # Identical on every replica: the mean over replicas of the row
+            # each one drew (on one device, the row itself).
+            replicas = _backend.cross_replica_sum(ops.ones((), "float32"))
+            seeds = _backend.cross_replica_sum(ops.take(flat, picks, axis=0))
+            seeds = seeds / replicas
+            embeddings = ops.where(dead[:, None], seeds, embeddings)
+            cluster_size = ops.where(dead, threshold, cluster_size)
+            dw = ops.where(dead[:, None], threshold * seeds, dw)
+            size_hidden = ops.where(dead, threshold * debias, size_hidden)
+            dw_hidden = ops.where(dead[:, None], threshold * debias * seeds, dw_hidden)
+            extra.append((self.seed_generator.state, next_seed))
+
+        self.commit_state(
+            (self.embeddings, embeddings),
+            (self.ema_cluster_size, cluster_size),
+            (self.ema_dw, dw),
+            (self.ema_cluster_size_hidden, size_hidden),
+            (self.ema_dw_hidden, dw_hidden),
+            (self.counter, counter),
+            *extra,
+            training=training,
+        )
+
+    # ---------------------------------------------------------------- checks
+
+    def _may_update(self, training: Any) -> bool:
+        """False when no update can happen in this call (skip its work)."""
+        if not self.trainable or training is None:
+            return False
+        if ops.is_tensor(training):
+            return True
+        return bool(training)
+
+    def _check_shape(self, shape: tuple[Any, ...]) -> None:
+        if len(shape) >= 2 and shape[-1] == self.embedding_dim:
+            return
+        hint = ""
+        if len(shape) >= 2 and shape[-1] == self.num_embeddings:
+            hint = (
+                " The arguments are (num_embeddings, embedding_dim), in that "
+                "order (Sonnet's are the other way round)."
+            )
+        raise ValueError(
+            f"Layer '{self.name}': inputs must have shape (batch, ..., "
+            f"{self.embedding_dim}), vectors of embedding_dim="
+            f"{self.embedding_dim} along the last axis; received shape "
+            f"{shape}. Project them first, e.g. `keras.layers.Dense("
+            f"{self.embedding_dim})(x)` or a 1x1 convolution.{hint}"
+        )
+
+
+class _SeedValue(keras.random.SeedGenerator):
+    """A seed given as a value: `keras.random` draws from it, nothing advances."""
+
+    def __init__(self, value: Tensor) -> None:  # no state variable of its own
+        self.value = value
+
+    def next(self, ordered: bool = True) -> Tensor:
+        return self.value
