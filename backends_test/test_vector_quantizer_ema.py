@@ -266,13 +266,14 @@ def test_dead_codes_are_restarted_from_batch_vectors_under_fit(rng):
     x = clustered(rng, embeddings, 16, shape=(8, 2, 4))  # only codes 0-3 used
     restarted = VectorQuantizerEMA(8, 4, seed=0, restart_threshold=0.5)
     plain = VectorQuantizerEMA(8, 4, seed=0)
-    seed = value_of(restarted.seed_generator.state)
-    for layer in (restarted, plain):
-        model = vq_model(layer, (2, 4))
+    models = [vq_model(layer, (2, 4)) for layer in (restarted, plain)]
+    seed = value_of(restarted.restart_seed)
+    np.testing.assert_array_equal(seed, [0, 0])  # seed=0, nothing drawn yet
+    for model in models:
         model.fit(x, batch_size=8, verbose=0)  # one step
     # The generator advanced once, with the update.
     np.testing.assert_array_equal(
-        value_of(restarted.seed_generator.state), seed + np.array([0, 1])
+        value_of(restarted.restart_seed), seed + np.array([0, 1])
     )
     reference = NumpySonnetVQ(embeddings, 0.99)
     reference(x)
@@ -323,24 +324,14 @@ def test_state_contract_with_restarts(rng):
 # ---- errors -----------------------------------------------------------------
 
 
-def test_wrong_last_dimension_says_what_to_write(rng):
-    layer = VectorQuantizerEMA(K, D)
+def test_bad_inputs_say_what_to_write(rng):
+    x = rng.normal(size=(4, 5)).astype("float32")
     with pytest.raises(ValueError, match=r"\(batch, \.\.\., 3\).*\(4, 5\).*Dense\(3\)"):
-        layer(rng.normal(size=(4, 5)).astype("float32"))
-
-
-def test_swapped_arguments_are_pointed_out(rng):
-    layer = VectorQuantizerEMA(3, 8)  # meant (8 codes, dim 3)?
+        VectorQuantizerEMA(K, D)(x)
     with pytest.raises(ValueError, match=r"\(num_embeddings, embedding_dim\)"):
-        layer(rng.normal(size=(4, 3)).astype("float32"))
-
-
-def test_a_single_vector_without_batch_axis_is_refused():
+        VectorQuantizerEMA(3, 5)(x[:, :3])  # meant 5 codes of dim 3?
     with pytest.raises(ValueError, match=r"received shape \(3,\)"):
-        VectorQuantizerEMA(K, D).build((3,))
-
-
-def test_integer_inputs_are_refused():
+        VectorQuantizerEMA(K, D).build((3,))  # no batch axis
     with pytest.raises(TypeError, match=r"floating point.*received dtype int32"):
         VectorQuantizerEMA(K, D)(np.zeros((2, D), "int32"))
 

@@ -19,6 +19,13 @@ from keras_stateful.types import Tensor
 
 BACKEND: str = keras.backend.backend()
 
+# The dtype `keras.random` expects of a seed tensor on this backend.
+SEED_DTYPE: str = {"jax": "uint32", "tensorflow": "int64"}.get(BACKEND, "int32")
+
+# Counters are int32 (on every backend and accelerator) and stop at this
+# value instead of wrapping: 2**31 - 1 updates.
+COUNTER_LIMIT = 2**31 - 1
+
 
 def read_value(variable: keras.Variable) -> Tensor:
     """The current value of `variable` as a plain tensor, never the variable.

@@ -295,8 +295,12 @@ class StatefulLayer(keras.layers.Layer):
             finite = _all_finite(new_values)
             if finite is not None:
                 self._skipped_updates.assign(
-                    _backend.read_value(self._skipped_updates)
-                    + ops.cast(ops.logical_and(gate, ops.logical_not(finite)), "int32")
+                    next_count(
+                        self._skipped_updates,
+                        ops.cast(
+                            ops.logical_and(gate, ops.logical_not(finite)), "int32"
+                        ),
+                    )
                 )
                 gate = ops.logical_and(gate, finite)
         for (variable, indices, _), value in zip(checked, new_values, strict=True):
@@ -420,6 +424,14 @@ class StatefulLayer(keras.layers.Layer):
             training,
             ops.cast(_backend.read_value(self._state_updates_enabled), "bool"),
         )
+
+
+def next_count(counter: keras.Variable, step: Any = 1) -> Tensor:
+    """`counter + step` for an int32 counter, stopping at 2**31 - 1 (no wrap)."""
+    current = _backend.read_value(counter)
+    return current + ops.minimum(
+        ops.cast(step, "int32"), _backend.COUNTER_LIMIT - current
+    )
 
 
 def find_stateful_layers(model: keras.layers.Layer) -> list[StatefulLayer]:

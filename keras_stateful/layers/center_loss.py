@@ -9,7 +9,7 @@ import numpy as np
 from keras import ops
 
 from keras_stateful import _backend
-from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
 
@@ -91,6 +91,7 @@ class CenterLoss(StatefulLayer):
         self.centers_initializer = keras.initializers.get(centers_initializer)
         self.centers = None
         self.out_of_range_labels = None
+        self._feature_dim = 0
         self.add_logged_value(self.name)
 
     def build(self, input_shape: Any) -> None:
@@ -101,6 +102,7 @@ class CenterLoss(StatefulLayer):
                 f"with a known dim; received {tuple(features_shape)}. Flatten "
                 "them first, e.g. `keras.layers.Flatten()(x)`."
             )
+        self._feature_dim = int(features_shape[-1])
         self.centers = self.add_state(
             "centers",
             (self.num_classes, int(features_shape[-1])),
@@ -112,6 +114,14 @@ class CenterLoss(StatefulLayer):
 
     def call(self, inputs: Any, training: bool | Tensor | None = None) -> Tensor:
         features, labels = self._split_inputs(inputs)
+        dim = self._feature_dim
+        if len(features.shape) != 2 or features.shape[-1] not in (None, dim):
+            raise ValueError(
+                f"Layer '{self.name}': features must have shape (batch, {dim}), "
+                f"as when the centers were built; received shape "
+                f"{tuple(features.shape)}. Pass the same feature layer's output "
+                "(flattened) on every call."
+            )
         x = ops.cast(features, "float32")
         ids = self._class_ids(labels)
         if x.shape[0] == 0:
@@ -169,7 +179,7 @@ class CenterLoss(StatefulLayer):
         )
         self.commit_state(
             (self.centers, rows_at, new_rows),
-            (self.out_of_range_labels, self.out_of_range_labels + skipped),
+            (self.out_of_range_labels, next_count(self.out_of_range_labels, skipped)),
             training=training,
         )
         return features

@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend
-from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
 _SCHEMES = ("affine", "symmetric")
@@ -32,7 +32,7 @@ class FakeQuant(StatefulLayer):
     - first batch (`observations == 0`): `min_val = x_min`, `max_val = x_max`
     - later batches: `min_val = min_val + c * (x_min - min_val)`, and the same
       for `max_val`
-    - `observations = observations + 1`
+    - `observations = observations + 1` (int32, stops at 2**31 - 1)
 
     The range in use always includes the current training batch (PyTorch
     observes first, then quantizes). With `min_neg = min(min_val, 0)`,
@@ -211,6 +211,9 @@ class FakeQuant(StatefulLayer):
         self.observations = self.add_state("observations", (), dtype="int32")
 
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
+        if 0 in tuple(inputs.shape):
+            # An empty batch has no range to observe and nothing to round.
+            return ops.cast(inputs, self.compute_dtype)
         x = ops.cast(inputs, "float32")
         observed = ops.stop_gradient(x)
         if self._channel_axis is None:
@@ -226,7 +229,7 @@ class FakeQuant(StatefulLayer):
         self.commit_state(
             (self.min_val, self._moving(self.min_val, batch_min, first)),
             (self.max_val, self._moving(self.max_val, batch_max, first)),
-            (self.observations, observations + 1),
+            (self.observations, next_count(self.observations)),
             training=training,
         )
 
@@ -245,6 +248,9 @@ class FakeQuant(StatefulLayer):
         )
         has_range = _backend.read_value(self.observations) > 0
         outputs = ops.where(has_range, outputs, x)
+        if self.compute_dtype == "float16":
+            # The level nearest float16's max may lie just beyond it.
+            outputs = ops.clip(outputs, -65504.0, 65504.0)
         return ops.cast(outputs, self.compute_dtype)
 
     def quantization_parameters(self) -> tuple[Tensor, Tensor]:

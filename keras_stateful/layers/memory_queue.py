@@ -149,6 +149,9 @@ class MemoryQueue(StatefulLayer):
         # in replica order (MoCo's concat_all_gather); padding rows of
         # uneven batches sort last and are not written.
         x, present = _backend.cross_replica_gather(x)
+        # A non-finite key anywhere in the batch stops the whole enqueue,
+        # also one that a later key of a batch larger than `size` overwrites.
+        finite = ops.all(ops.isfinite(x)) if self.guard_non_finite else None
         if present is None:
             static = shape[0] if isinstance(shape[0], int) else None
             batch = static if static is not None else ops.shape(keys)[0]
@@ -167,6 +170,8 @@ class MemoryQueue(StatefulLayer):
                 batch - 1 - offsets, self.size
             )
             x = ops.take(x, ops.maximum(last, 0), axis=0)
+        if finite is not None:
+            x = ops.where(finite, x, float("nan"))
         if present is not None:
             # No real key at all: write back what the slots hold.
             old_rows = _backend.read_rows(self.queue, slots)

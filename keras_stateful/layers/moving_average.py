@@ -8,7 +8,7 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend
-from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
 
@@ -19,7 +19,7 @@ class MovingAverage(StatefulLayer):
     In training, with `m = momentum` and `x̄` the mean of the batch over axis
     0 (computed in float32):
 
-    - `counter = counter + 1`
+    - `counter = counter + 1` (int32, stops at 2**31 - 1)
     - without zero-debiasing: `average = m * average + (1 - m) * x̄`
       (`average` starts at zeros)
     - with `zero_debias=True` (Haiku/Sonnet `ExponentialMovingAverage`):
@@ -81,6 +81,9 @@ class MovingAverage(StatefulLayer):
                 "e.g. `keras.Input(shape=(16,))`."
             )
         feature_shape = tuple(int(dim) for dim in input_shape[1:])  # type: ignore[arg-type]
+        self.input_spec = keras.layers.InputSpec(
+            shape=(None, *feature_shape), allow_last_axis_squeeze=False
+        )
         self.average = self.add_state("average", feature_shape)
         if self.zero_debias:
             self.hidden = self.add_state("hidden", feature_shape)
@@ -94,7 +97,7 @@ class MovingAverage(StatefulLayer):
             ops.cast(ops.shape(inputs)[0], "float32")
         )
         batch_mean = batch_sum / batch_size
-        counter = _backend.read_value(self.counter) + 1
+        counter = next_count(self.counter)
         if self.zero_debias:
             hidden = _ema(self.hidden, batch_mean, self.momentum)
             momentum = ops.convert_to_tensor(self.momentum, "float32")
@@ -127,4 +130,6 @@ class MovingAverage(StatefulLayer):
 
 
 def _ema(old: Any, new: Tensor, momentum: float) -> Tensor:
-    return momentum * _backend.read_value(old) + (1.0 - momentum) * new
+    # The float32 momentum, the same number the debiasing raises to a power.
+    m = ops.convert_to_tensor(momentum, "float32")
+    return m * _backend.read_value(old) + (1.0 - m) * new

@@ -11,7 +11,7 @@ from keras import ops
 
 from keras_stateful import _backend
 from keras_stateful.layers._moments import batch_moments, feature_axes
-from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
 
@@ -23,7 +23,7 @@ class MovingMoments(StatefulLayer):
     every axis but `axis` (float32, masked values left out), `n` the number of
     values reduced per feature and `t` the step counter after this step:
 
-    - `counter = counter + 1`
+    - `counter = counter + 1` (int32, stops at 2**31 - 1)
     - `v_B = σ²_B` (biased, as Keras's `BatchNormalization` stores it), or
       `v_B = n / (n - 1) * σ²_B` with `unbiased=True` (as
       `torch.nn.BatchNorm*` stores it)
@@ -142,7 +142,7 @@ class MovingMoments(StatefulLayer):
         mean = ops.reshape(mean, self._feature_shape)
         variance = ops.reshape(variance, self._feature_shape)
 
-        counter = _backend.read_value(self.counter) + 1
+        counter = next_count(self.counter)
         steps = ops.cast(counter, "float32")
         if self.momentum is None:
             momentum = 1.0 - 1.0 / steps

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import keras
 from keras import ops
 
 from keras_stateful import _backend
-from keras_stateful.stateful_layer import StatefulLayer
+from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
 # The nearest-code search holds at most this many distances at once (16 MiB
@@ -37,7 +38,7 @@ class VectorQuantizerEMA(StatefulLayer):
     `VectorQuantizerEMA` (both moving averages zero-debiased, hidden values
     starting at zeros):
 
-    - `counter = counter + 1`
+    - `counter = counter + 1` (int32, stops at 2**31 - 1)
     - `ema_cluster_size_hidden = ema_cluster_size_hidden
       - (ema_cluster_size_hidden - n_k) * (1 - g)`, with `n_k = #{i: z_i = k}`
     - `ema_dw_hidden = ema_dw_hidden - (ema_dw_hidden - s_k) * (1 - g)`, with
@@ -52,11 +53,12 @@ class VectorQuantizerEMA(StatefulLayer):
     `M_k = 0` and moves to the origin. With `restart_threshold=t`, after the
     update every code with `N_k < t` is restarted instead: its embedding
     becomes an input vector of the current batch drawn uniformly at random
-    (with replacement, from the layer's own seed generator, so it works in
-    compiled `fit` on every backend), `N_k = t` and `M_k = t * embedding`
-    (hidden values to match). A restarted code that attracts no input falls
-    below `t` again and is re-seeded at the next step. The generator advances
-    only with a committed update. In data-parallel training every replica
+    (with replacement, from the seed kept in the `restart_seed` state, so it
+    works in compiled `fit` on every backend and a resumed or reloaded model
+    draws the same vectors), `N_k = t` and `M_k = t * embedding` (hidden
+    values to match). A restarted code that attracts no input falls below
+    `t` again and is re-seeded at the next step. The seed advances only with
+    a committed update. In data-parallel training every replica
     draws the same positions in its own batch and the new embedding is the
     mean of those replicas' vectors, so that all replicas keep one codebook.
 
@@ -193,11 +195,11 @@ class VectorQuantizerEMA(StatefulLayer):
                 scale=1.0, mode="fan_out", distribution="uniform", seed=seed
             )
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-        self.seed_generator = (
-            None
-            if self.restart_threshold is None
-            else keras.random.SeedGenerator(seed, name="restart_seed_generator")
-        )
+        # The restarts draw from `restart_seed`, a state variable: saved with
+        # the weights (a resumed run draws the same vectors) and advanced
+        # only with a committed update.
+        self._first_seed = int(seed) if seed is not None else random.randint(1, 10**9)
+        self.restart_seed = None
         self.embeddings = None
         self.ema_cluster_size = None
         self.ema_dw = None
@@ -220,6 +222,18 @@ class VectorQuantizerEMA(StatefulLayer):
         )
         self.ema_dw_hidden = self.add_state("ema_dw_hidden", (codes, dim))
         self.counter = self.add_state("counter", (), dtype="int32")
+        if self.restart_threshold is not None:
+            first_seed = self._first_seed
+
+            def seed_initializer(shape: Any, dtype: Any = None) -> Tensor:
+                return ops.convert_to_tensor([first_seed, 0], dtype=dtype)
+
+            self.restart_seed = self.add_state(
+                "restart_seed",
+                (2,),
+                initializer=seed_initializer,
+                dtype=_backend.SEED_DTYPE,
+            )
 
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
         shape = tuple(inputs.shape)
@@ -352,13 +366,13 @@ class VectorQuantizerEMA(StatefulLayer):
     def _update(
         self, sums: Tensor, counts: Tensor, flat: Tensor, training: Any
     ) -> None:
-        keep = 1.0 - self.decay
-        counter = _backend.read_value(self.counter) + 1
+        decay = ops.convert_to_tensor(self.decay, "float32")
+        keep = 1.0 - decay  # the float32 decay the debiasing uses too
+        counter = next_count(self.counter)
         size_hidden = _backend.read_value(self.ema_cluster_size_hidden)
         dw_hidden = _backend.read_value(self.ema_dw_hidden)
         size_hidden = size_hidden - (size_hidden - counts) * keep
         dw_hidden = dw_hidden - (dw_hidden - sums) * keep
-        decay = ops.convert_to_tensor(self.decay, "float32")
         debias = 1.0 - ops.power(decay, ops.cast(counter, "float32"))
         cluster_size = size_hidden / debias
         dw = dw_hidden / debias
@@ -370,14 +384,14 @@ class VectorQuantizerEMA(StatefulLayer):
         )
         embeddings = dw / smoothed[:, None]
 
-        extra = []
-        if self.restart_threshold is not None and self.seed_generator is not None:
+        extra: list[tuple[keras.Variable, Tensor]] = []
+        if self.restart_threshold is not None and self.restart_seed is not None:
             threshold = self.restart_threshold
             dead = cluster_size < threshold
             rows = ops.cast(ops.shape(flat)[0], "float32")
             # Draw from the generator's current seed, and advance it only
             # with the update: a frozen or skipped step leaves it alone.
-            seed = _backend.read_value(self.seed_generator.state)
+            seed = _backend.read_value(self.restart_seed)
             draw = keras.random.uniform((self.num_embeddings,), seed=_SeedValue(seed))
             next_seed = seed + ops.convert_to_tensor([0, 1], dtype=seed.dtype)
             picks = ops.minimum(
@@ -394,7 +408,7 @@ class VectorQuantizerEMA(StatefulLayer):
             dw = ops.where(dead[:, None], threshold * seeds, dw)
             size_hidden = ops.where(dead, threshold * debias, size_hidden)
             dw_hidden = ops.where(dead[:, None], threshold * debias * seeds, dw_hidden)
-            extra.append((self.seed_generator.state, next_seed))
+            extra.append((self.restart_seed, next_seed))
 
         self.commit_state(
             (self.embeddings, embeddings),
