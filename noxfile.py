@@ -2,6 +2,7 @@
 
 python3 -m nox -s tests      # the whole matrix (what CI runs)
 python3 -m nox -s demo       # the main job, on JAX
+python3 -m nox -s bench      # the benchmarks on every backend, then the report
 """
 
 from __future__ import annotations
@@ -53,12 +54,75 @@ def demo(session: nox.Session) -> None:
     run_on(session, backend, "python", "examples/center_loss_digits.py")
 
 
+BENCH_SCRIPTS = [
+    "benchmarks/update_overhead.py",
+    "benchmarks/center_loss_scaling.py",
+    "benchmarks/memory_queue_scaling.py",
+    "benchmarks/vector_quantizer_scaling.py",
+    "benchmarks/native_comparison.py",
+]
+
+
+def bench_options(posargs: list[str]) -> tuple[bool, int | None]:
+    """`--quick` and `--threads N` from the session's arguments."""
+    unknown = [a for a in posargs if a != "--quick" and not a.startswith("--threads")]
+    threads = None
+    for i, arg in enumerate(posargs):
+        if arg.startswith("--threads="):
+            threads = int(arg.split("=", 1)[1])
+        elif arg == "--threads" and i + 1 < len(posargs):
+            threads = int(posargs[i + 1])
+            unknown.remove(posargs[i + 1])
+    if unknown:
+        raise ValueError(f"bench takes --quick and --threads N; received {unknown}")
+    return "--quick" in posargs, threads
+
+
+def bench_paths(quick: bool) -> tuple[str, str]:
+    """(results folder, report): quick runs stay out of the committed results."""
+    if quick:
+        return ".nox/bench-quick/results", ".nox/bench-quick/REPORT.md"
+    return "benchmarks/results", "benchmarks/REPORT.md"
+
+
 @nox.session
 @nox.parametrize("backend", BACKENDS)
 def bench(session: nox.Session, backend: str) -> None:
-    """Benchmarks (not part of the default run); `-- --quick` for a short run."""
+    """Every benchmark on one backend (not in the default run), then the report.
+
+    python3 -m nox -s bench                  # all backends -> benchmarks/REPORT.md
+    python3 -m nox -s bench -- --quick       # minutes; -> .nox/bench-quick/
+    python3 -m nox -s bench -- --threads 1   # one intra-op thread (a shared machine)
+    """
+    quick, threads = bench_options(session.posargs)
+    results, _ = bench_paths(quick)
     session.install("-e", f".[{backend},bench]")
-    run_on(session, backend, "python", "benchmarks/center_loss_scaling.py")
+    env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if threads is not None:
+        # Read by every script, also the ones that do not use the harness.
+        env.update(
+            BENCH_THREADS=str(threads),
+            OMP_NUM_THREADS=str(threads),
+            TF_NUM_INTRAOP_THREADS=str(threads),
+            TF_NUM_INTEROP_THREADS=str(threads),
+            XLA_FLAGS=f"--xla_cpu_multi_thread_eigen={str(threads > 1).lower()} "
+            f"intra_op_parallelism_threads={threads}",
+        )
+    for script in BENCH_SCRIPTS:
+        args = ["--out", results] + (["--quick"] if quick else [])
+        session.run("python", script, *args, env=env)
+    session.notify("bench_report")
+
+
+@nox.session
+def bench_report(session: nox.Session) -> None:
+    """benchmarks/REPORT.md and its plots from the JSON results (`bench` runs it)."""
+    quick, _ = bench_options(session.posargs)
+    results, report = bench_paths(quick)
+    session.install("matplotlib>=3.7")
+    session.run(
+        "python", "benchmarks/make_report.py", "--results", results, "--report", report
+    )
 
 
 if __name__ == "__main__":

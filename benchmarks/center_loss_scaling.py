@@ -1,27 +1,36 @@
-"""CenterLoss step time vs number of classes, against the Keras-2 dense rule.
+"""Question 2: CenterLoss step time vs number of classes, against the dense rules.
 
-For K classes, D=512 features and B=256 samples, times one `train_on_batch`
-step of a model `[features, labels] -> center loss -> Dense(1)` with
-keras_stateful's CenterLoss (batch rows only) and with the Keras-2 example's
-dense one-hot rule written in `keras.ops` (a (B, K) one-hot and a full (K, D)
-rewrite). The first steps (compilation) are skipped; variants are interleaved;
-medians and min-max of the per-step time are reported, with the backend,
-versions and machine. Results go to benchmarks/results/ as JSON.
+For K = 10, 1k, 10k, 100k classes, D = 512 features and B = 256 samples,
+times one `train_on_batch` step (default `jit_compile`) of a model
+`[features, labels] -> center loss -> Dense(1)` (MSE to zeros) with:
 
-    KERAS_BACKEND=jax python benchmarks/center_loss_scaling.py [--quick]
+- `keras_stateful.CenterLoss`: the batch's rows only (segment sums over the
+  batch, a row gather and a row scatter);
+- `Keras-2 dense one-hot rule`: the classic Keras-2 example's rule
+  (handongfeng/MNIST-center-loss), `delta = Y^T (Y C - X) / (1 + Y^T 1)` with
+  a `(B, K)` one-hot `Y`, and a full `(K, D)` rewrite of the centers, written
+  in `keras.ops` on the same base class;
+- on PyTorch only, `plain PyTorch (KaiyangZhou style)`: a center loss written
+  here from the published formula of KaiyangZhou/pytorch-center-loss, in
+  plain PyTorch without Keras: the `(B, K)` distance matrix `||x||^2 +
+  ||c||^2 - 2 x C^T`, masked by the labels, clamped and summed, the centers
+  an `nn.Parameter` trained by SGD (lr 0.5, gradient rescaled by
+  `1 / weight`), beside a `Linear(D, 1)` trained by SGD; one step is
+  `zero_grad`, forward, `backward`, both optimizers' `step`.
+
+Goals: ours at 100k / ours at 10 <= 1.5; dense rule / ours at 100k >= 10.
+
+The first steps (compilation) are not timed; variants are interleaved
+(`steps` steps each per round); medians and min-max of the per-step time are
+reported, with the backend, versions and machine. Results go to
+benchmarks/results/center_loss_scaling_<backend>.json.
+
+    KERAS_BACKEND=jax python benchmarks/center_loss_scaling.py [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import pathlib
-import platform
-import statistics
-import time
-
+import harness
 import keras
 import numpy as np
 from keras import ops
@@ -30,9 +39,12 @@ import keras_stateful
 from keras_stateful.layers import CenterLoss
 
 D, B = 512, 256
+GOAL_GROWTH, GOAL_SPEEDUP = 1.5, 10.0
+OURS = "keras_stateful.CenterLoss"
+DENSE = "Keras-2 dense one-hot rule"
+TORCH = "plain PyTorch (KaiyangZhou style)"
 
 
-@keras.saving.register_keras_serializable(package="benchmarks")
 class DenseOneHotCenterLoss(keras_stateful.StatefulLayer):
     """The Keras-2 example's rule: delta = Y^T (Y C - X) / (1 + Y^T 1), all rows."""
 
@@ -56,107 +68,130 @@ class DenseOneHotCenterLoss(keras_stateful.StatefulLayer):
         return features
 
 
-def model_for(layer):
+def keras_step(layer, features, labels):
     inputs = [keras.Input((D,)), keras.Input((), dtype="int32")]
     model = keras.Model(inputs, keras.layers.Dense(1)(layer(inputs)))
     model.compile(optimizer="sgd", loss="mse")
-    return model
+    return harness.train_step(model, [features, labels], np.zeros((B, 1), "float32"))
 
 
-def time_steps(model, batch, steps):
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = model.train_on_batch(*batch)
-        float(np.asarray(loss))  # block until the step is done
-        times.append(time.perf_counter() - start)
-    return times
+def torch_step(num_classes, features, labels, weight=1.0):
+    """A plain-PyTorch training step with a KaiyangZhou-style center loss."""
+    import torch
 
+    torch.manual_seed(0)
+    centers = torch.nn.Parameter(torch.randn(num_classes, D))
+    head = torch.nn.Linear(D, 1)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.01)
+    optimizer_centers = torch.optim.SGD([centers], lr=0.5)
+    x = torch.as_tensor(features)
+    y = torch.as_tensor(labels).long()
+    target = torch.zeros(B, 1)
+    classes = torch.arange(num_classes).long()
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results")
-    )
-    args = parser.parse_args()
-    class_counts = [10, 1_000, 10_000] if args.quick else [10, 1_000, 10_000, 100_000]
-    steps, repeats = (5, 2) if args.quick else (20, 3)
-    rng = np.random.default_rng(0)
-    results = []
-    for k in class_counts:
-        batch = (
-            [
-                rng.normal(size=(B, D)).astype("float32"),
-                rng.integers(0, k, size=B).astype("int32"),
-            ],
-            np.zeros((B, 1), "float32"),
+    def center_loss(x, y):
+        batch = x.shape[0]
+        distances = (
+            x.pow(2).sum(dim=1, keepdim=True).expand(batch, num_classes)
+            + centers.pow(2).sum(dim=1, keepdim=True).expand(num_classes, batch).t()
         )
-        variants = {
-            "keras_stateful.CenterLoss": model_for(CenterLoss(k, alpha=0.5)),
-            "Keras-2 dense one-hot rule": model_for(DenseOneHotCenterLoss(k)),
-        }
-        samples = {name: [] for name in variants}
-        for model in variants.values():  # warm-up: compile
-            time_steps(model, batch, 2)
-        for _ in range(repeats):  # interleaved
-            for name, model in variants.items():
-                samples[name] += time_steps(model, batch, steps)
-        for name, times in samples.items():
-            results.append(
-                {
-                    "variant": name,
-                    "num_classes": k,
-                    "median_s": statistics.median(times),
-                    "min_s": min(times),
-                    "max_s": max(times),
-                    "steps": len(times),
-                }
-            )
-            print(
-                f"K={k:>7}  {name:<28} median {1e3 * statistics.median(times):8.2f} ms"
-                f"  (min {1e3 * min(times):.2f}, max {1e3 * max(times):.2f})"
-            )
-    ours = {
-        r["num_classes"]: r["median_s"]
-        for r in results
-        if r["variant"].startswith("keras_s")
-    }
-    dense = {
-        r["num_classes"]: r["median_s"]
-        for r in results
-        if r["variant"].startswith("Keras-2")
-    }
-    kmax = max(ours)
+        distances = torch.addmm(distances, x, centers.t(), beta=1, alpha=-2)
+        mask = (
+            y.unsqueeze(1)
+            .expand(batch, num_classes)
+            .eq(classes.expand(batch, num_classes))
+        )
+        return (distances * mask.float()).clamp(min=1e-12, max=1e12).sum() / batch
+
+    def run():
+        optimizer.zero_grad()
+        optimizer_centers.zero_grad()
+        loss = torch.nn.functional.mse_loss(head(x), target)
+        loss = loss + weight * center_loss(x, y)
+        loss.backward()
+        optimizer.step()
+        centers.grad.mul_(1.0 / weight)
+        optimizer_centers.step()
+        return float(loss.detach())
+
+    return run
+
+
+def main(argv=None):
+    args = harness.parse_args(__doc__, argv)
+    class_counts = [10, 1_000] if args.quick else [10, 1_000, 10_000, 100_000]
+    # >= 20 timed steps per variant; a fast one runs more, >= 50 ms per round.
+    steps, rounds, warmup = (2, 2, 1) if args.quick else (2, 10, 2)
+    min_round_s = 0.0 if args.quick else 0.05
+    rng = np.random.default_rng(0)
+    variants = {}
+    for k in class_counts:  # all sizes in one interleaved run
+        features = rng.normal(size=(B, D)).astype("float32")
+        labels = rng.integers(0, k, size=B).astype("int32")
+        keras.utils.set_random_seed(0)
+        variants[OURS, k] = keras_step(CenterLoss(k, alpha=0.5), features, labels)
+        variants[DENSE, k] = keras_step(DenseOneHotCenterLoss(k), features, labels)
+        if harness.BACKEND == "torch":
+            variants[TORCH, k] = torch_step(k, features, labels)
+    variants = dict(sorted(variants.items()))  # a variant's sizes back to back
+    timed = harness.time_interleaved(
+        variants, steps=steps, rounds=rounds, warmup=warmup, min_round_s=min_round_s
+    )
+    del variants
+    results = []
+    for (name, k), summary in timed.items():
+        results.append({"variant": name, "num_classes": k, **summary})
+        harness.log(
+            f"K={k:>7}  {name:<34} median {harness.ms(summary['median_s'])}"
+            f"  (min {harness.ms(summary['min_s'])},"
+            f" max {harness.ms(summary['max_s'])})"
+        )
+    small, large = min(class_counts), max(class_counts)
+    ours_growth = harness.ratio(timed[OURS, large], timed[OURS, small])
+    dense_speedup = harness.ratio(timed[DENSE, large], timed[OURS, large])
     summary = {
-        "ours_largest_over_smallest": ours[kmax] / ours[min(ours)],
-        "dense_over_ours_at_largest": dense[kmax] / ours[kmax],
+        "ours_largest_over_smallest": ours_growth["median"],
+        "dense_over_ours_at_largest": dense_speedup["median"],
+        "ratios": {
+            "ours_largest_over_smallest": ours_growth,
+            "dense_over_ours_at_largest": dense_speedup,
+            "dense_largest_over_smallest": harness.ratio(
+                timed[DENSE, large], timed[DENSE, small]
+            ),
+        },
+        "goal_ours_largest_over_smallest": GOAL_GROWTH,
+        "goal_dense_over_ours_at_largest": GOAL_SPEEDUP,
     }
-    print(
-        f"ours K={kmax} / K={min(ours)}: {summary['ours_largest_over_smallest']:.2f}x; "
-        f"dense / ours at K={kmax}: {summary['dense_over_ours_at_largest']:.1f}x"
+    if harness.BACKEND == "torch":
+        for key, (a, b) in {
+            "torch_plain_over_ours_at_largest": ((TORCH, large), (OURS, large)),
+            "torch_plain_largest_over_smallest": ((TORCH, large), (TORCH, small)),
+            "torch_plain_over_ours_at_smallest": ((TORCH, small), (OURS, small)),
+        }.items():
+            summary["ratios"][key] = harness.ratio(timed[a], timed[b])
+            summary[key] = summary["ratios"][key]["median"]
+    summary["goals_met"] = (
+        summary["ours_largest_over_smallest"] <= GOAL_GROWTH
+        and summary["dense_over_ours_at_largest"] >= GOAL_SPEEDUP
+    )
+    harness.log(
+        f"ours K={large} / K={small}: {summary['ours_largest_over_smallest']:.2f}x"
+        f" (goal <= {GOAL_GROWTH}); dense / ours at K={large}: "
+        f"{summary['dense_over_ours_at_largest']:.1f}x (goal >= {GOAL_SPEEDUP})"
     )
     record = {
-        "benchmark": "center_loss_scaling",
+        **harness.metadata(quick=args.quick),
         "D": D,
         "B": B,
-        "quick": args.quick,
-        "backend": keras.backend.backend(),
-        "keras": keras.__version__,
-        "keras_stateful": keras_stateful.__version__,
-        "python": platform.python_version(),
-        "machine": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
+        "step": "train_on_batch, default jit_compile"
+        + ("; plain PyTorch eager step" if harness.BACKEND == "torch" else ""),
+        "steps_per_round": steps,
+        "min_round_s": min_round_s,
+        "rounds": rounds,
         "results": results,
         "summary": summary,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"center_loss_scaling_{keras.backend.backend()}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"written: {path}")
+    harness.write_json(args.out, "center_loss_scaling", record)
 
 
 if __name__ == "__main__":

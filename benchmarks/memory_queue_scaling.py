@@ -1,4 +1,4 @@
-"""MemoryQueue enqueue time vs queue size, against a whole-queue rewrite.
+"""Question 3: MemoryQueue enqueue time vs queue size, against a whole rewrite.
 
 For a queue of K keys, D=128 and B=256, times one `train_on_batch` step (the
 default `jit_compile`: XLA on JAX, a `tf.function` on TensorFlow, eager on
@@ -16,24 +16,19 @@ Variants:
   queue (`scatter_update` of the B rows into it, then a full commit), as a
   layer that assigns `queue` whole does; its queue is not read.
 
-The first steps (compilation) are skipped; variants are interleaved; medians
-and min-max of the per-step time are reported, with the backend, versions
-and machine. Results go to benchmarks/results/ as JSON.
+Goal: MemoryQueue at 65,536 / at 1,024 <= 1.3.
 
-    KERAS_BACKEND=jax python benchmarks/memory_queue_scaling.py [--quick]
+The first steps (compilation) are not timed; variants are interleaved
+(`steps` steps each per round); medians and min-max of the per-step time are
+reported, with the backend, versions and machine. Results go to
+benchmarks/results/memory_queue_scaling_<backend>.json.
+
+    KERAS_BACKEND=jax python benchmarks/memory_queue_scaling.py [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import os
-import pathlib
-import platform
-import statistics
-import time
-
+import harness
 import keras
 import numpy as np
 from keras import ops
@@ -44,9 +39,10 @@ from keras_stateful.layers.memory_queue import MemoryQueue
 
 D, B = 128, 256
 SIZES = [1_024, 4_096, 16_384, 65_536]
+GOAL_GROWTH = 1.3
+OURS, OURS_READ, WHOLE = "MemoryQueue", "MemoryQueue + read", "whole-queue rewrite"
 
 
-@keras.saving.register_keras_serializable(package="benchmarks")
 class WholeQueueRewrite(keras_stateful.StatefulLayer):
     """The same ring buffer, committing the whole (K, D) queue every step."""
 
@@ -72,7 +68,6 @@ class WholeQueueRewrite(keras_stateful.StatefulLayer):
         return ops.copy(queue)
 
 
-@keras.saving.register_keras_serializable(package="benchmarks")
 class Scale(keras.layers.Layer):
     """Multiplies by one trainable scalar: the step's gradient path."""
 
@@ -83,7 +78,6 @@ class Scale(keras.layers.Layer):
         return inputs * self.scale
 
 
-@keras.saving.register_keras_serializable(package="benchmarks")
 class Score(keras.layers.Layer):
     """One score per key from the keys (and the queue's first row): O(B * D)."""
 
@@ -103,130 +97,71 @@ def model_for(layer, read_queue=False):
     keys = Scale()(inputs)
     model = keras.Model(inputs, Score(read_queue)(layer(keys), keys))
     model.compile(optimizer="sgd", loss="mse")
-    return model, layer
+    return model
 
 
-def block(layer):
-    """Wait for the step's state writes too (JAX dispatches asynchronously)."""
-    if keras.backend.backend() == "jax":
-        import jax
-
-        jax.block_until_ready([v.value for v in layer.state_variables])
-
-
-def time_steps(model, layer, batch, steps):
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = model.train_on_batch(*batch)
-        float(np.asarray(loss))  # block until the step is done
-        block(layer)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def cpu_name():
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions():
-    found = {"keras": keras.__version__, "keras_stateful": keras_stateful.__version__}
-    backend = keras.backend.backend()
-    module = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}[backend]
-    found[module] = __import__(module).__version__
-    return found
-
-
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results")
-    )
-    args = parser.parse_args()
-    steps, repeats = (5, 2) if args.quick else (20, 3)
+def main(argv=None):
+    args = harness.parse_args(__doc__, argv)
+    sizes = [SIZES[0], SIZES[-1]] if args.quick else SIZES
+    # >= 60 timed steps per variant; a fast one runs more, >= 30 ms per round.
+    steps, rounds, warmup = (2, 2, 1) if args.quick else (3, 20, 2)
+    min_round_s = 0.0 if args.quick else 0.03
     rng = np.random.default_rng(0)
-    batch = (rng.normal(size=(B, D)).astype("float32"), np.zeros((B, 1), "float32"))
+    x = rng.normal(size=(B, D)).astype("float32")
+    y = np.zeros((B, 1), "float32")
+    variants = {}
+    for size in sizes:  # all sizes in one interleaved run
+        for name, layer, read in [
+            (OURS, MemoryQueue(size), False),
+            (OURS_READ, MemoryQueue(size), True),
+            (WHOLE, WholeQueueRewrite(size), False),
+        ]:
+            variants[name, size] = harness.train_step(model_for(layer, read), x, y)
+    variants = dict(sorted(variants.items()))  # a variant's sizes back to back
+    timed = harness.time_interleaved(
+        variants, steps=steps, rounds=rounds, warmup=warmup, min_round_s=min_round_s
+    )
+    del variants
     results = []
-    for size in SIZES:
-        variants = {
-            "MemoryQueue": model_for(MemoryQueue(size)),
-            "MemoryQueue + read": model_for(MemoryQueue(size), read_queue=True),
-            "whole-queue rewrite": model_for(WholeQueueRewrite(size)),
-        }
-        samples = {name: [] for name in variants}
-        for model, layer in variants.values():  # warm-up: compile
-            time_steps(model, layer, batch, 2)
-        for _ in range(repeats):  # interleaved
-            for name, (model, layer) in variants.items():
-                samples[name] += time_steps(model, layer, batch, steps)
-        for name, times in samples.items():
-            results.append(
-                {
-                    "variant": name,
-                    "size": size,
-                    "median_s": statistics.median(times),
-                    "min_s": min(times),
-                    "max_s": max(times),
-                    "steps": len(times),
-                }
-            )
-            print(
-                f"K={size:>6}  {name:<20} median {1e3 * statistics.median(times):8.3f}"
-                f" ms  (min {1e3 * min(times):.3f}, max {1e3 * max(times):.3f})"
-            )
-    median = {(r["variant"], r["size"]): r["median_s"] for r in results}
-    largest, smallest = max(SIZES), min(SIZES)
-
-    def growth(variant):
-        return median[variant, largest] / median[variant, smallest]
-
-    summary = {
-        "ours_largest_over_smallest": growth("MemoryQueue"),
-        "ours_read_largest_over_smallest": growth("MemoryQueue + read"),
-        "whole_largest_over_smallest": growth("whole-queue rewrite"),
-        "whole_over_ours_at_largest": median["whole-queue rewrite", largest]
-        / median["MemoryQueue", largest],
-        "goal_ours_largest_over_smallest": 1.3,
+    for (name, size), summary in timed.items():
+        results.append({"variant": name, "size": size, **summary})
+        harness.log(
+            f"K={size:>6}  {name:<20} median {harness.ms(summary['median_s'])}"
+            f"  (min {harness.ms(summary['min_s'])},"
+            f" max {harness.ms(summary['max_s'])})"
+        )
+    big, small = max(sizes), min(sizes)
+    pairs = {
+        "ours_largest_over_smallest": ((OURS, big), (OURS, small)),
+        "ours_read_largest_over_smallest": ((OURS_READ, big), (OURS_READ, small)),
+        "whole_largest_over_smallest": ((WHOLE, big), (WHOLE, small)),
+        "whole_over_ours_at_largest": ((WHOLE, big), (OURS, big)),
     }
-    print(
-        f"K={largest} / K={smallest}: MemoryQueue "
-        f"{summary['ours_largest_over_smallest']:.2f}x (goal <= 1.3), "
+    ratios = {key: harness.ratio(timed[a], timed[b]) for key, (a, b) in pairs.items()}
+    summary = {key: value["median"] for key, value in ratios.items()}
+    summary["ratios"] = ratios
+    summary["goal_ours_largest_over_smallest"] = GOAL_GROWTH
+    summary["goals_met"] = summary["ours_largest_over_smallest"] <= GOAL_GROWTH
+    harness.log(
+        f"K={big} / K={small}: MemoryQueue "
+        f"{summary['ours_largest_over_smallest']:.2f}x (goal <= {GOAL_GROWTH}), "
         f"+ read {summary['ours_read_largest_over_smallest']:.2f}x, "
         f"whole-queue rewrite {summary['whole_largest_over_smallest']:.1f}x; "
-        f"rewrite / MemoryQueue at K={largest}: "
+        f"rewrite / MemoryQueue at K={big}: "
         f"{summary['whole_over_ours_at_largest']:.1f}x"
     )
     record = {
-        "benchmark": "memory_queue_scaling",
+        **harness.metadata(quick=args.quick),
         "D": D,
         "B": B,
-        "quick": args.quick,
         "step": "train_on_batch, default jit_compile",
-        "backend": keras.backend.backend(),
-        "versions": versions(),
-        "keras": keras.__version__,
-        "keras_stateful": keras_stateful.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"
-        ),
+        "steps_per_round": steps,
+        "min_round_s": min_round_s,
+        "rounds": rounds,
         "results": results,
         "summary": summary,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"memory_queue_scaling_{keras.backend.backend()}.json"
-    path.write_text(json.dumps(record, indent=2))
-    print(f"written: {path}")
+    harness.write_json(args.out, "memory_queue_scaling", record)
 
 
 if __name__ == "__main__":
