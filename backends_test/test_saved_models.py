@@ -23,6 +23,16 @@ SAVED = sorted(FIXTURES.glob("*/*/*.keras"))
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    """conftest's fixture without `clear_session()`'s garbage collection."""
+    keras.config.set_dtype_policy("float32")
+    keras.utils.clear_session(free_memory=False)
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_dtype_policy("float32")
+
+
 def fixture_id(path):
     version, writer, name = path.parts[-3], path.parts[-2], path.stem
     return f"{version}-{writer}-to-{BACKEND}-{name}"
@@ -76,7 +86,12 @@ def test_saved_model_loads_with_identical_state_and_predictions(path):
     arrays, metadata, weights, optimizer, after_step = expected_of(path)
     assert metadata["backend"] == path.parts[-2]
 
-    model = keras.saving.load_model(path)
+    # A model compiled on PyTorch stores a torch-only optimizer class
+    # (keras.src.backend.torch.optimizers.torch_sgd) that the other backends
+    # cannot import without torch: load it uncompiled there, and check the
+    # weights and state (the optimizer does not travel; docs/guarantees.md).
+    foreign_torch = metadata["backend"] == "torch" and BACKEND != "torch"
+    model = keras.saving.load_model(path, compile=not foreign_torch)
 
     # Every weight and every state variable, and the optimizer's variables,
     # bit for bit: dtype included, but for two integers whose dtype is the
@@ -84,8 +99,10 @@ def test_saved_model_loads_with_identical_state_and_predictions(path):
     # on JAX, int64 on TensorFlow, int32 on PyTorch) and the optimizer's step
     # (int64 on TensorFlow, int32 elsewhere). Their values are kept.
     loaded = all_layers.values(model.weights)
-    loaded.update(all_layers.values(model.optimizer.variables))
-    expected = {**weights, **optimizer}
+    expected = dict(weights)
+    if not foreign_torch:
+        loaded.update(all_layers.values(model.optimizer.variables))
+        expected.update(optimizer)
     backend_dtyped = [
         p for p in expected if p.endswith(("/restart_seed", "/iteration"))
     ]
