@@ -20,12 +20,15 @@ times one `train_on_batch` step (default `jit_compile`) of a model
 
 Goals: ours at 100k / ours at 10 <= 1.5; dense rule / ours at 100k >= 10.
 
-The first steps (compilation) are not timed; variants are interleaved
-(`steps` steps each per round); medians and min-max of the per-step time are
-reported, with the backend, versions and machine. Results go to
+The first steps (compilation) are not timed; all variants and sizes take
+turns in rounds (each runs `steps` steps a round, a fast one more, up to
+`min_round_s` seconds); medians and min-max of the per-step time, and ratios
+as medians of per-round ratios, are reported with the backend, versions and
+machine. Results go to
 benchmarks/results/center_loss_scaling_<backend>.json.
 
-    KERAS_BACKEND=jax python benchmarks/center_loss_scaling.py [--quick] [--out DIR]
+    KERAS_BACKEND=jax python benchmarks/center_loss_scaling.py
+        [--quick] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations

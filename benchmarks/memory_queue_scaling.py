@@ -18,12 +18,15 @@ Variants:
 
 Goal: MemoryQueue at 65,536 / at 1,024 <= 1.3.
 
-The first steps (compilation) are not timed; variants are interleaved
-(`steps` steps each per round); medians and min-max of the per-step time are
-reported, with the backend, versions and machine. Results go to
+The first steps (compilation) are not timed; all variants and sizes take
+turns in rounds (each runs `steps` steps a round, a fast one more, up to
+`min_round_s` seconds); medians and min-max of the per-step time, and ratios
+as medians of per-round ratios, are reported with the backend, versions and
+machine. Results go to
 benchmarks/results/memory_queue_scaling_<backend>.json.
 
-    KERAS_BACKEND=jax python benchmarks/memory_queue_scaling.py [--quick] [--out DIR]
+    KERAS_BACKEND=jax python benchmarks/memory_queue_scaling.py
+        [--quick] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ cost of keeping the statistics. Variants take turns one step at a time; the
 first steps (compilation) are not timed. Results go to
 benchmarks/results/native_comparison_<backend>.json.
 
-    KERAS_BACKEND=jax python benchmarks/native_comparison.py [--quick] [--out DIR]
+    KERAS_BACKEND=jax python benchmarks/native_comparison.py
+        [--quick] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ steps taken back to back. Results (with
 backend, versions, CPU, cores, date) go to
 benchmarks/results/update_overhead_<backend>.json.
 
-    KERAS_BACKEND=jax python benchmarks/update_overhead.py [--quick] [--out DIR]
+    KERAS_BACKEND=jax python benchmarks/update_overhead.py
+        [--quick] [--threads N] [--out DIR]
 """
 
 from __future__ import annotations
