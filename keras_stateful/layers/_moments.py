@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import keras
 from keras import ops
 
 from keras_stateful import _backend
@@ -23,6 +24,24 @@ def feature_axes(ndim: int, axis: int | Sequence[int], layer_name: str) -> list[
             )
         resolved.append(a % ndim)
     return sorted(set(resolved))
+
+
+def feature_shape(
+    input_shape: Sequence[int | None], axis: int | Sequence[int], layer_name: str
+) -> tuple[list[int], tuple[int, ...], keras.layers.InputSpec]:
+    """The feature axes, the per-feature state shape, and the input spec."""
+    axes = feature_axes(len(input_shape), axis, layer_name)
+    sizes = [input_shape[a] for a in axes]
+    if None in sizes:
+        raise ValueError(
+            f"Layer '{layer_name}': the feature axes {axes} must have a known "
+            f"size; received input shape {tuple(input_shape)}."
+        )
+    shape = tuple(int(dim) for dim in sizes if dim is not None)
+    spec = keras.layers.InputSpec(
+        ndim=len(input_shape), axes=dict(zip(axes, shape, strict=True))
+    )
+    return axes, shape, spec
 
 
 def batch_moments(

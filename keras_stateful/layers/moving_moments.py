@@ -10,7 +10,7 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend
-from keras_stateful.layers._moments import batch_moments, feature_axes
+from keras_stateful.layers._moments import batch_moments, feature_shape
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -109,18 +109,10 @@ class MovingMoments(StatefulLayer):
         self._feature_shape: tuple[int, ...] = ()
 
     def build(self, input_shape: tuple[int | None, ...]) -> None:
-        self._axes = feature_axes(len(input_shape), self.axis, self.name)
-        sizes = [input_shape[a] for a in self._axes]
-        if None in sizes:
-            raise ValueError(
-                f"Layer '{self.name}': the feature axes {self._axes} must have "
-                f"a known size; received input shape {tuple(input_shape)}."
-            )
-        shape = tuple(int(dim) for dim in sizes if dim is not None)
-        self._feature_shape = shape
-        self.input_spec = keras.layers.InputSpec(
-            ndim=len(input_shape), axes=dict(zip(self._axes, shape, strict=True))
+        self._axes, shape, self.input_spec = feature_shape(
+            input_shape, self.axis, self.name
         )
+        self._feature_shape = shape
         self.moving_mean = self.add_state("moving_mean", shape)
         self.moving_variance = self.add_state("moving_variance", shape, "ones")
         if self.zero_debias:
