@@ -134,10 +134,13 @@ def run_tf_mirrored():
 
 def run_torch_ddp():
     """A DDP training loop (Keras's guide) with uneven per-rank batches."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    # A bounded timeout turns a lost peer into an error instead of a hang.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     keras.utils.set_random_seed(0)
     model = build_model()
