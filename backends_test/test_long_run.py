@@ -24,15 +24,6 @@ EPOCHS = 10
 INT32_MAX = 2**31 - 1
 MiB = 2**20
 
-_LEAK = (
-    "on PyTorch, StatefulLayer's protect_state_reads() (keras_stateful/"
-    "_backend.py) packs a saved tensor as the tensor itself: an op output "
-    "saved for backward then holds its own grad_fn, a reference cycle "
-    "through C++ that gc cannot collect (pytorch/pytorch#115255) whenever "
-    "that part of the graph is not backpropagated (CenterLoss's update "
-    "branch in fit: ~9 MiB per 1,000 steps)"
-)
-
 
 def resident_bytes():
     """The process's resident set size now (Linux), else its peak so far."""
@@ -111,7 +102,6 @@ def test_ten_thousand_steps_keep_the_state_finite_and_counted(long_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(BACKEND == "torch", strict=True, reason=_LEAK)
 def test_ten_thousand_steps_keep_memory_flat(long_run):
     _, _, resident = long_run
     # After a warm-up epoch (compilation, caches), memory stays flat.
@@ -134,15 +124,7 @@ class ExpMean(StatefulLayer):
         return outputs
 
 
-def leak_cases():
-    for name in [*all_layers.LAYERS, "user_layer_exp"]:
-        marks = []
-        if BACKEND == "torch" and name in ("center_loss", "user_layer_exp"):
-            marks = [pytest.mark.xfail(strict=True, reason=_LEAK)]
-        yield pytest.param(name, marks=marks, id=name)
-
-
-@pytest.mark.parametrize("name", leak_cases())
+@pytest.mark.parametrize("name", [*all_layers.LAYERS, "user_layer_exp"])
 def test_training_calls_leave_no_objects_behind(name, rng):
     layer = ExpMean() if name == "user_layer_exp" else all_layers.LAYERS[name]()
     x = rng.normal(size=(all_layers.BATCH, all_layers.FEATURES)).astype("float32")
@@ -160,7 +142,8 @@ def test_training_calls_leave_no_objects_behind(name, rng):
     for _ in range(60):
         step()
     gc.collect()
-    # The cycle leaves ~8 objects per call; caches and noise, a handful.
+    # A reference cycle per call (pytorch/pytorch#115255 through saved-tensor
+    # hooks) would leave ~8 objects per call; caches and noise, a handful.
     assert len(gc.get_objects()) - before < 50
 
 

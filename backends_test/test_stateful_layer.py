@@ -282,6 +282,25 @@ def test_read_then_commit_backward_uses_the_value_read(rng):
     )
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="saved-tensor hooks are PyTorch's")
+def test_second_order_gradient_through_a_state_read_is_exact(rng):
+    """The copies saved for backward keep their history for create_graph=True."""
+    import torch
+
+    x = rng.normal(size=(4, 3)).astype("float32")
+    scale = np.array([0.5, 1.0, 1.5], "float32")
+    layer = ScaledByRunningMean(momentum=0.5)
+    layer.build((None, 3))
+    layer.running_mean.assign(scale)
+    xt = torch.tensor(x, requires_grad=True)
+    total = ops.sum(ops.exp(layer(xt, training=True)))
+    (grad,) = torch.autograd.grad(total, xt, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), xt)
+    # d2/dx2 exp(s x) = s^2 exp(s x), with s the state read before the update.
+    np.testing.assert_allclose(second.numpy(), scale**2 * np.exp(scale * x), rtol=1e-5)
+    assert not np.allclose(value_of(layer.running_mean), scale)
+
+
 def input_gradient(layer, x):
     """d sum(layer(x, training=True)) / dx, eagerly, with the update committed."""
     if BACKEND == "torch":

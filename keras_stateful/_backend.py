@@ -315,9 +315,14 @@ def protect_state_reads(layer: keras.layers.Layer) -> Iterator[None]:
         return
 
     def pack(tensor: Any) -> Any:
+        # Detach what is packed: autograd re-attaches the history on unpack
+        # from its own record. Packing an op's output as itself would make the
+        # output hold its own grad_fn, a cycle through C++ that the garbage
+        # collector cannot free (pytorch/pytorch#115255): memory grows on every
+        # call whose graph is never backpropagated.
         if tensor.untyped_storage().data_ptr() in storages:
-            return tensor.clone()
-        return tensor
+            return tensor.detach().clone()
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield
