@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends_test.conftest import state_of, value_of
+from backends_test.conftest import BACKEND, state_of, value_of
 from keras_stateful.layers.memory_queue import MemoryQueue
 from keras_stateful.testing import check_state_contract
 from keras_stateful.testing.state_contract import ContractScale, ContractScore
@@ -111,6 +111,52 @@ def test_filled_count_and_mask(rng):
         mask = keras.ops.convert_to_numpy(layer.valid_mask())
         assert mask.dtype == bool and mask.shape == (5,)
         np.testing.assert_array_equal(mask, np.arange(5) < filled)
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["dropped", "held"])
+def test_each_returned_queue_stays_the_queue_before_its_batch(hold, rng):
+    """PyTorch writes in place; a returned queue must not see later writes.
+
+    Dropped: nothing outlives a step, as in `fit` (on PyTorch the layer then
+    keeps one copy up to date by the written rows). Held: every returned
+    queue is kept and checked at the end.
+    """
+    layer = MemoryQueue(7)
+    reference = NumpyQueue(7, D)
+    held, expected = [], []
+    for batch_size in [3, 5, 2, 7, 9, 16, 1, 4]:
+        keys = rng.normal(size=(batch_size, D)).astype("float32")
+        queue = layer(keys, training=True)
+        expected.append(reference(keys)[0])
+        if hold:
+            held.append(queue)
+        else:
+            held.append(keras.ops.convert_to_numpy(queue).copy())
+        del queue
+    for step, (queue, before) in enumerate(zip(held, expected, strict=True)):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(queue), before, rtol=1e-6, err_msg=f"{step}"
+        )
+    check_against(layer, reference)
+
+
+@pytest.mark.parametrize("write", ["assign", "set_weights", "reset_state"])
+def test_writes_from_outside_show_in_the_next_returned_queue(write, rng):
+    layer = MemoryQueue(4)
+    for _ in range(3):
+        layer(rng.normal(size=(2, D)).astype("float32"), training=True)
+    new = rng.normal(size=(4, D)).astype("float32")
+    if write == "assign":
+        layer.queue.assign(new)
+    elif write == "set_weights":
+        weights = {w.path.split("/")[-1]: w.numpy() for w in layer.weights}
+        weights.update(queue=new, pointer=np.int32(1), filled=np.int32(4))
+        layer.set_weights([weights[w.path.split("/")[-1]] for w in layer.weights])
+    else:
+        layer.reset_state()
+        new = np.zeros_like(new)
+    returned = layer(rng.normal(size=(2, D)).astype("float32"), training=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(returned), new)
 
 
 @pytest.mark.parametrize("training", [False, None])
@@ -267,3 +313,42 @@ def test_state_contract(rng):
         ),
         keys,
     )
+
+
+# ---- PyTorch: one copy kept up to date, rebuilt whenever it may be in use -------
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch writes the queue in place")
+def test_torch_training_steps_reuse_one_copy_of_the_queue(rng):
+    """With nothing holding the last returned queue, no (size, D) copy is made."""
+    import torch
+
+    layer = MemoryQueue(64)
+    query = torch.tensor(rng.normal(size=(8, D)).astype("float32"), requires_grad=True)
+    buffers = set()
+    for _ in range(6):
+        negatives = layer(rng.normal(size=(8, D)).astype("float32"), training=True)
+        (query @ negatives.T).sum().backward()  # autograd saves, then frees, it
+        buffers.add(negatives.untyped_storage().data_ptr())
+        del negatives
+    assert len(buffers) == 1
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="PyTorch writes the queue in place")
+def test_torch_two_calls_before_one_backward_give_exact_gradients(rng):
+    """Autograd still holds the first queue when the second call writes."""
+    import torch
+
+    layer, reference = MemoryQueue(5), NumpyQueue(5, D)
+    for _ in range(2):  # fill part of the queue first
+        keys = rng.normal(size=(2, D)).astype("float32")
+        layer(keys, training=True)
+        reference(keys)
+    query = torch.tensor(rng.normal(size=(4, D)).astype("float32"), requires_grad=True)
+    loss, expected = 0.0, 0.0
+    for _ in range(2):
+        keys = rng.normal(size=(3, D)).astype("float32")
+        loss = loss + (query @ layer(keys, training=True).T).sum()
+        expected = expected + reference(keys)[0].sum(axis=0)
+    loss.backward()
+    np.testing.assert_allclose(query.grad.numpy(), np.tile(expected, (4, 1)), rtol=1e-5)

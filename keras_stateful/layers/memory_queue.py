@@ -48,10 +48,18 @@ class MemoryQueue(StatefulLayer):
     close to 1) and ignore the mask.
 
     The queue a training call returns must outlive the write of the new
-    rows, so reading it costs up to one `size x D` copy per step (an
-    explicit one on PyTorch, which writes the state in place; XLA's and
-    TensorFlow's own when the state is updated in place): `B` times less
-    work than the logits against the queue.
+    rows. On JAX and TensorFlow a read is a value, so that is free until the
+    returned queue is read (then XLA or TensorFlow may copy it when they
+    update the state in place). PyTorch writes the state in place, so there
+    the layer keeps a second `size x D` float32 buffer that it brings up to
+    date by the `B` rows written at the previous step, and returns that: the
+    enqueue stays `O(B)`. While a queue returned earlier is still alive (you
+    keep it, or autograd keeps it for a backward pass that has not run yet),
+    or when the state was written from outside (`assign`, `set_weights`,
+    `reset_state()`, loading), the buffer is rebuilt by one full copy
+    instead, so every returned queue stays exactly the queue before its
+    batch. Under mixed precision the cast to the compute dtype is a new
+    tensor anyway.
 
     **`trainable=False`** stops the updates (recompile after changing it);
     `freeze_state()` stops them while training goes on.
@@ -109,6 +117,7 @@ class MemoryQueue(StatefulLayer):
         self.queue = None
         self.pointer = None
         self.filled = None
+        self._queue_before = _backend.ValueBeforeRowWrites()
 
     def build(self, input_shape: Any) -> None:
         shape = tuple(input_shape)
@@ -126,11 +135,13 @@ class MemoryQueue(StatefulLayer):
         shape = tuple(keys.shape)
 
         # What the call returns: the queue and its mask before this batch.
-        queue = ops.cast(_backend.read_value(self.queue), self.compute_dtype)
-        if self.compute_dtype == "float32" and self._may_update(training):
-            # Not a new tensor after the cast: PyTorch will write the
-            # variable in place, so keep the value as it is now.
-            queue = _backend.snapshot(queue)
+        # In float32 the cast makes no new tensor, and PyTorch will write the
+        # rows in place: keep the value as it is now.
+        keep_before = self.compute_dtype == "float32" and self._may_update(training)
+        if keep_before:
+            queue = self._queue_before.read(self.queue)
+        else:
+            queue = ops.cast(_backend.read_value(self.queue), self.compute_dtype)
         pointer = _backend.read_value(self.pointer)
         filled = _backend.read_value(self.filled)
         mask = (
@@ -182,6 +193,8 @@ class MemoryQueue(StatefulLayer):
             (self.filled, ops.minimum(filled + batch, self.size)),
             training=training,
         )
+        if keep_before:
+            self._queue_before.record(self.queue, slots)
         if self.return_mask:
             return queue, mask
         return queue
