@@ -60,8 +60,8 @@ from keras_stateful.layers import (
     MovingAverage,
     MovingMoments,
     RunningStandardization,
+    VectorQuantizerEMA,
 )
-from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 
 CLASSES = 10
 GOAL_ON_OVER_FROZEN = 1.05

@@ -7,6 +7,7 @@ that branches on `keras.backend.backend()` or imports from `keras.src`.
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,8 +60,9 @@ class ValueBeforeRowWrites:
     the variable was written by anything but the recorded call (its version
     counter or tensor changed: `assign`, `set_weights`, loading), the copy
     was modified, a tensor handed out earlier is still alive (held by the
-    caller or saved by autograd for a backward pass that has not run), under
-    `torch.compile`, or in a stateless scope.
+    caller or saved by autograd for a backward pass that has not run; the
+    count of tensors sharing its storage tells), under `torch.compile`, or in
+    a stateless scope.
     """
 
     def __init__(self) -> None:
@@ -110,12 +112,21 @@ class ValueBeforeRowWrites:
         if self._pending is None or self._source is None:
             return False
         tensor, version = self._source
-        return (
+        if not (
             value is tensor
             and value._version == version
             and self._copy._version == self._copy_version
-            and _storage_uses(self._copy) <= self._copy_uses
-        )
+        ):
+            return False
+        if _storage_uses(self._copy) <= self._copy_uses:
+            return True
+        # Keras's call machinery (its `tree` helpers) leaves the view handed
+        # out last in a short-lived reference cycle, so it outlives the step
+        # until the cycle collector runs. Collecting the young generations
+        # frees it for tens of microseconds (a full collection would take a
+        # third of a second); whatever still holds the view is real use.
+        gc.collect(1)
+        return _storage_uses(self._copy) <= self._copy_uses
 
 
 def _storage_uses(tensor: Any) -> int:
