@@ -22,8 +22,8 @@ from keras_stateful.layers import (
     MovingAverage,
     MovingMoments,
     RunningStandardization,
+    VectorQuantizerEMA,
 )
-from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 from keras_stateful.stateful_layer import StatefulLayer, find_stateful_layers
 from keras_stateful.testing.state_contract import ContractScore
 

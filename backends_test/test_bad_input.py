@@ -29,20 +29,6 @@ from keras_stateful.layers import FakeQuant, MovingMoments
 F = all_layers.FEATURES
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """conftest's fixture without `clear_session()`'s garbage collection.
-
-    A full `gc.collect()` takes a third of a second with TensorFlow or
-    PyTorch loaded, longer than most tests here (over a hundred).
-    """
-    keras.config.set_dtype_policy("float32")
-    keras.utils.clear_session(free_memory=False)
-    keras.utils.set_random_seed(0)
-    yield
-    keras.config.set_dtype_policy("float32")
-
-
 LAYERS = {
     **all_layers.LAYERS,
     "fake_quant_per_tensor": lambda: FakeQuant(8, averaging_constant=0.1, name="quant"),

@@ -19,8 +19,8 @@ from keras_stateful.layers import (
     MovingAverage,
     MovingMoments,
     RunningStandardization,
+    VectorQuantizerEMA,
 )
-from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 
 F = all_layers.FEATURES
 SETTINGS = settings(
@@ -31,16 +31,6 @@ SETTINGS = settings(
 # What may come between two training batches without changing the state:
 # an inference call, an empty batch, a batch with a NaN (skipped and counted).
 NOISE = st.sampled_from(["none", "inference", "empty", "nan"])
-
-
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """conftest's fixture without `clear_session()`'s garbage collection."""
-    keras.config.set_dtype_policy("float32")
-    keras.utils.clear_session(free_memory=False)
-    keras.utils.set_random_seed(0)
-    yield
-    keras.config.set_dtype_policy("float32")
 
 
 def noise(layer, kind, rng, *, empty_is_skipped, rows=3):

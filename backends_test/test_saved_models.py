@@ -23,16 +23,6 @@ SAVED = sorted(FIXTURES.glob("*/*/*.keras"))
 BACKENDS = ("jax", "tensorflow", "torch")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_keras_state():
-    """conftest's fixture without `clear_session()`'s garbage collection."""
-    keras.config.set_dtype_policy("float32")
-    keras.utils.clear_session(free_memory=False)
-    keras.utils.set_random_seed(0)
-    yield
-    keras.config.set_dtype_policy("float32")
-
-
 def fixture_id(path):
     version, writer, name = path.parts[-3], path.parts[-2], path.stem
     return f"{version}-{writer}-to-{BACKEND}-{name}"
