@@ -250,6 +250,39 @@ class StatefulLayer(keras.layers.Layer):
 
     # ----------------------------------------------------------------- update
 
+    def may_update(self, training: bool | Tensor | None) -> bool:
+        """Whether this call can update the state, known before it runs.
+
+        False when `training` is `None` or a Python `False`, or the layer is
+        not trainable: `commit_state()` will then change nothing. True for a
+        Python `True` or a boolean tensor (decided when the graph runs, as is
+        `freeze_state()`). Compute the new values, and run their
+        cross-replica reductions, only when it is True: inference then does
+        no update work and no communication, so one replica may predict
+        alone (e.g. rank 0 only, under `torch.distributed`).
+
+        Example:
+
+        ```python
+        def call(self, inputs, training=None):
+            if self.may_update(training):  # inference: no reductions at all
+                total = _backend.cross_replica_sum(ops.sum(inputs, axis=0))
+                count = _backend.cross_replica_sum(ops.shape(inputs)[0] * 1.0)
+                self.commit_state((self.mean, total / count), training=training)
+            return inputs
+        ```
+        """
+        if training is None:
+            return False
+        if ops.is_tensor(training):
+            return self.trainable
+        if not isinstance(training, (bool, int)) and not hasattr(training, "dtype"):
+            raise TypeError(
+                f"Layer '{self.name}': `training` must be a bool, None or "
+                f"a boolean tensor; received {training!r}. {_TRAINING_HELP}"
+            )
+        return self.trainable and bool(training)
+
     def commit_state(
         self,
         *updates: tuple[keras.Variable, Tensor] | tuple[keras.Variable, Tensor, Tensor],
@@ -401,18 +434,9 @@ class StatefulLayer(keras.layers.Layer):
 
     def _update_gate(self, training: Any) -> Tensor | None:
         """None when the layer cannot update in this call, else a bool tensor."""
-        if not self.trainable:
-            return None
-        if training is None:
+        if not self.may_update(training):
             return None
         if not ops.is_tensor(training):
-            if not isinstance(training, (bool, int)) and not hasattr(training, "dtype"):
-                raise TypeError(
-                    f"Layer '{self.name}': `training` must be a bool, None or "
-                    f"a boolean tensor; received {training!r}. {_TRAINING_HELP}"
-                )
-            if not bool(training):
-                return None
             return ops.cast(_backend.read_value(self._state_updates_enabled), "bool")
         training = ops.cast(training, "bool")
         if len(training.shape) != 0:

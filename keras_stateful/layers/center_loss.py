@@ -140,6 +140,24 @@ class CenterLoss(StatefulLayer):
         self.add_loss(loss)
         self.log_value(self.name, loss, count=ops.shape(x)[0])
 
+        if self.may_update(training):
+            self._update_centers(x, ids, valid, own_centers, training)
+        return features
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self._split_shapes(input_shape)[0]
+
+    def _update_centers(
+        self,
+        x: Tensor,
+        ids: Tensor,
+        valid: Tensor,
+        own_centers: Tensor,
+        training: bool | Tensor,
+    ) -> None:
+        """Eq. 4 on the rows of the classes in the batch (all replicas')."""
+        safe_ids = ops.where(valid, ids, 0)
+        weight = ops.cast(valid, "float32")
         # In a data-parallel run the update uses every replica's batch (all
         # replicas then commit the same rows); on one device, this batch.
         x, present = _backend.cross_replica_gather(x)
@@ -182,10 +200,6 @@ class CenterLoss(StatefulLayer):
             (self.out_of_range_labels, next_count(self.out_of_range_labels, skipped)),
             training=training,
         )
-        return features
-
-    def compute_output_shape(self, input_shape: Any) -> Any:
-        return self._split_shapes(input_shape)[0]
 
     def get_config(self) -> dict[str, Any]:
         return {

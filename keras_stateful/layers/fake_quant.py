@@ -215,23 +215,8 @@ class FakeQuant(StatefulLayer):
             # An empty batch has no range to observe and nothing to round.
             return ops.cast(inputs, self.compute_dtype)
         x = ops.cast(inputs, "float32")
-        observed = ops.stop_gradient(x)
-        if self._channel_axis is None:
-            batch_min, batch_max = ops.min(observed), ops.max(observed)
-        else:
-            reduce = tuple(i for i in range(self._rank) if i != self._channel_axis)
-            batch_min = ops.min(observed, axis=reduce)
-            batch_max = ops.max(observed, axis=reduce)
-        batch_min = _backend.cross_replica_min(batch_min)
-        batch_max = _backend.cross_replica_max(batch_max)
-        observations = _backend.read_value(self.observations)
-        first = observations == 0
-        self.commit_state(
-            (self.min_val, self._moving(self.min_val, batch_min, first)),
-            (self.max_val, self._moving(self.max_val, batch_max, first)),
-            (self.observations, next_count(self.observations)),
-            training=training,
-        )
+        if self.may_update(training):
+            self._observe(x, training)
 
         # The stored range, read after the commit: it includes this batch
         # when the layer updated, as PyTorch observes before it quantizes.
@@ -252,6 +237,25 @@ class FakeQuant(StatefulLayer):
             # The level nearest float16's max may lie just beyond it.
             outputs = ops.clip(outputs, -65504.0, 65504.0)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _observe(self, x: Tensor, training: bool | Tensor) -> None:
+        """Move the stored range towards this batch's (all replicas') range."""
+        observed = ops.stop_gradient(x)
+        if self._channel_axis is None:
+            batch_min, batch_max = ops.min(observed), ops.max(observed)
+        else:
+            reduce = tuple(i for i in range(self._rank) if i != self._channel_axis)
+            batch_min = ops.min(observed, axis=reduce)
+            batch_max = ops.max(observed, axis=reduce)
+        batch_min = _backend.cross_replica_min(batch_min)
+        batch_max = _backend.cross_replica_max(batch_max)
+        first = _backend.read_value(self.observations) == 0
+        self.commit_state(
+            (self.min_val, self._moving(self.min_val, batch_min, first)),
+            (self.max_val, self._moving(self.max_val, batch_max, first)),
+            (self.observations, next_count(self.observations)),
+            training=training,
+        )
 
     def quantization_parameters(self) -> tuple[Tensor, Tensor]:
         """The `(scale, zero_point)` of the stored range.

@@ -132,21 +132,32 @@ class MemoryQueue(StatefulLayer):
 
     def call(self, keys: Tensor, training: bool | Tensor | None = None) -> Any:
         self._check_keys(keys)
-        shape = tuple(keys.shape)
 
         # What the call returns: the queue and its mask before this batch.
         # In float32 the cast makes no new tensor, and PyTorch will write the
         # rows in place: keep the value as it is now.
-        keep_before = self.compute_dtype == "float32" and self._may_update(training)
+        updating = self.may_update(training)
+        keep_before = self.compute_dtype == "float32" and updating
         if keep_before:
             queue = self._queue_before.read(self.queue)
         else:
             queue = ops.cast(_backend.read_value(self.queue), self.compute_dtype)
-        pointer = _backend.read_value(self.pointer)
         filled = _backend.read_value(self.filled)
         mask = (
             ops.arange(self.size, dtype="int32") < filled if self.return_mask else None
         )
+        if updating:
+            slots = self._enqueue(keys, filled, training)
+            if keep_before:
+                self._queue_before.record(self.queue, slots)
+        if self.return_mask:
+            return queue, mask
+        return queue
+
+    def _enqueue(self, keys: Tensor, filled: Tensor, training: bool | Tensor) -> Tensor:
+        """Write the keys (all replicas') at the pointer; return the slots."""
+        shape = tuple(keys.shape)
+        pointer = _backend.read_value(self.pointer)
 
         # The B written rows. Key i goes to slot (pointer + i) % size; when B
         # exceeds size, several keys share a slot and each of them writes the
@@ -193,11 +204,7 @@ class MemoryQueue(StatefulLayer):
             (self.filled, ops.minimum(filled + batch, self.size)),
             training=training,
         )
-        if keep_before:
-            self._queue_before.record(self.queue, slots)
-        if self.return_mask:
-            return queue, mask
-        return queue
+        return slots
 
     def compute_output_spec(
         self, keys: Any, training: bool | Tensor | None = None
@@ -230,12 +237,6 @@ class MemoryQueue(StatefulLayer):
             "return_mask": self.return_mask,
             "queue_initializer": keras.initializers.serialize(self.queue_initializer),
         }
-
-    def _may_update(self, training: Any) -> bool:
-        """False when this call certainly leaves the state alone."""
-        if not self.trainable or training is None:
-            return False
-        return ops.is_tensor(training) or bool(training)
 
     def _check_keys(self, keys: Any) -> None:
         shape = tuple(keys.shape)

@@ -90,6 +90,8 @@ class MovingAverage(StatefulLayer):
         self.counter = self.add_state("counter", (), dtype="int32")
 
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
+        if not self.may_update(training):
+            return inputs
         batch_sum = _backend.cross_replica_sum(
             ops.sum(ops.cast(inputs, "float32"), axis=0)
         )

@@ -126,6 +126,8 @@ class MovingMoments(StatefulLayer):
         training: bool | Tensor | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
+        if not self.may_update(training):
+            return inputs
         reduce = [a for a in range(len(inputs.shape)) if a not in self._axes]
         count, shift, mean_offset, m2 = batch_moments(inputs, reduce, mask)
         mean = shift + mean_offset

@@ -121,7 +121,7 @@ class RunningStandardization(StatefulLayer):
         rank = len(inputs.shape)
         reduce = [a for a in range(rank) if a not in self._axes]
         kept = [1 if a in reduce else -1 for a in range(rank)]
-        if training is not None and training is not False:
+        if self.may_update(training):
             count = _backend.read_value(self.count)
             mean = _backend.read_value(self.mean)
             batch_count, shift, mean_offset, batch_m2 = batch_moments(

@@ -79,6 +79,10 @@ class VectorQuantizerEMA(StatefulLayer):
       and validation and needs no threshold);
     - `{name}_commitment_loss`: the loss this layer adds.
 
+    In data-parallel training the batch is the global one; in inference it is
+    each replica's own (inference never communicates, so one replica may
+    evaluate alone), as Keras's own metrics are on PyTorch.
+
     **`trainable=False`** stops the updates (recompile after changing it);
     `freeze_state()` stops them while training goes on.
 
@@ -263,9 +267,13 @@ class VectorQuantizerEMA(StatefulLayer):
         self.add_loss(loss)
         outputs = x + ops.stop_gradient(quantized - x)
 
-        updating = self._may_update(training)
+        # Code counts over all replicas' batches in training (the update and
+        # the logged perplexity and usage need them); in inference, over this
+        # replica's batch, so that no replica waits for another.
+        updating = self.may_update(training)
         counts, sums = self._code_statistics(flat, codes, with_sums=updating)
-        counts = _backend.cross_replica_sum(counts)
+        if updating:
+            counts = _backend.cross_replica_sum(counts)
         batch = ops.shape(inputs)[0]
         self._log(counts, loss, batch)
         if updating:
@@ -422,14 +430,6 @@ class VectorQuantizerEMA(StatefulLayer):
         )
 
     # ---------------------------------------------------------------- checks
-
-    def _may_update(self, training: Any) -> bool:
-        """False when no update can happen in this call (skip its work)."""
-        if not self.trainable or training is None:
-            return False
-        if ops.is_tensor(training):
-            return True
-        return bool(training)
 
     def _check_shape(self, shape: tuple[Any, ...]) -> None:
         if len(shape) >= 2 and shape[-1] == self.embedding_dim:
