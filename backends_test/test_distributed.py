@@ -17,7 +17,9 @@ import time
 import numpy as np
 import pytest
 
+from backends_test import all_layers
 from backends_test.conftest import BACKEND
+from keras_stateful import _backend
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -47,6 +49,41 @@ def assert_same_state(reference, replica, label):
         np.testing.assert_allclose(
             value, expected, rtol=1e-5, atol=1e-6, err_msg=f"{label}: {path}"
         )
+
+
+REDUCTIONS = (
+    "cross_replica_sum",
+    "cross_replica_gather",
+    "cross_replica_min",
+    "cross_replica_max",
+)
+
+
+def test_inference_never_reduces_across_replicas(monkeypatch):
+    """One replica may predict or evaluate alone (e.g. rank 0 under DDP).
+
+    A reduction in inference would wait for replicas that never call it.
+    """
+    calls = []
+    for name in REDUCTIONS:
+        real = getattr(_backend, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(_backend, name, spy)
+    model = all_layers.every_layer_model()
+    model.compile(optimizer="sgd", loss="mse")
+    x, labels = all_layers.data(2)
+    y = all_layers.targets(len(x))
+    model.predict([x, labels], batch_size=all_layers.BATCH, verbose=0)
+    model.evaluate([x, labels], y, batch_size=all_layers.BATCH, verbose=0)
+    model([x, labels])
+    assert calls == []
+    model.fit([x, labels], y, batch_size=all_layers.BATCH, verbose=0)
+    # The spies see the training step: every layer reduces there.
+    assert set(calls) == set(REDUCTIONS)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")

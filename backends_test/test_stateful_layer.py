@@ -64,6 +64,18 @@ def test_python_training_gate(training, updates):
     layer = built_accumulator()
     layer(np.ones((2, 3), "float32"), training=training)
     assert np.array_equal(value_of(layer.total), [2, 2, 2] if updates else [0, 0, 0])
+    assert layer.may_update(training) is updates
+
+
+def test_may_update_is_known_before_the_call():
+    layer = built_accumulator()
+    assert layer.may_update(ops.convert_to_tensor(False))  # decided when it runs
+    layer.freeze_state()
+    assert layer.may_update(True)  # the switch is a variable, read when it runs
+    layer.trainable = False
+    assert not layer.may_update(True)
+    with pytest.raises(TypeError, match=r"training.*received 'yes'"):
+        layer.may_update("yes")
 
 
 def test_call_without_training_does_not_update():
