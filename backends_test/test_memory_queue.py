@@ -113,13 +113,14 @@ def test_filled_count_and_mask(rng):
         np.testing.assert_array_equal(mask, np.arange(5) < filled)
 
 
-@pytest.mark.parametrize("hold", [False, True], ids=["dropped", "held"])
+@pytest.mark.parametrize("hold", ["dropped", "tensor", "numpy"])
 def test_each_returned_queue_stays_the_queue_before_its_batch(hold, rng):
     """PyTorch writes in place; a returned queue must not see later writes.
 
     Dropped: nothing outlives a step, as in `fit` (on PyTorch the layer then
-    keeps one copy up to date by the written rows). Held: every returned
-    queue is kept and checked at the end.
+    keeps one copy up to date by the written rows). Tensor: every returned
+    queue is kept and checked at the end. NumPy: so is a NumPy array that
+    shares its memory (`convert_to_numpy` without a copy).
     """
     layer = MemoryQueue(7)
     reference = NumpyQueue(7, D)
@@ -128,8 +129,10 @@ def test_each_returned_queue_stays_the_queue_before_its_batch(hold, rng):
         keys = rng.normal(size=(batch_size, D)).astype("float32")
         queue = layer(keys, training=True)
         expected.append(reference(keys)[0])
-        if hold:
+        if hold == "tensor":
             held.append(queue)
+        elif hold == "numpy":
+            held.append(keras.ops.convert_to_numpy(queue))
         else:
             held.append(keras.ops.convert_to_numpy(queue).copy())
         del queue
