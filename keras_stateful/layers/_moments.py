@@ -65,33 +65,52 @@ def batch_moments(
     results keep the reduced axes (size 1).
     """
     x = ops.cast(inputs, "float32")
-    if mask is None:
-        weight = ops.ones_like(x)
-    else:
-        weight = ops.cast(mask, "float32")
-        while len(weight.shape) < len(x.shape):
-            weight = ops.expand_dims(weight, -1)
-        weight = ops.broadcast_to(weight, ops.shape(x))
-    present = weight > 0
-    x = ops.where(present, x, 0.0)
     axes = tuple(reduce_axes)
 
     def global_sum(values: Tensor) -> Tensor:
         return _backend.cross_replica_sum(ops.sum(values, axis=axes, keepdims=True))
 
-    count = global_sum(weight)
+    if mask is None:
+        # Every value counts: no weights, no selects (on eager PyTorch each
+        # is one more pass over the batch).
+        total = global_sum(x)
+        count = global_sum(ops.ones_like(total) * _values_per_feature(x, axes))
+    else:
+        weight = ops.cast(mask, "float32")
+        while len(weight.shape) < len(x.shape):
+            weight = ops.expand_dims(weight, -1)
+        weight = ops.broadcast_to(weight, ops.shape(x))
+        present = weight > 0
+        x = ops.where(present, x, 0.0)
+        total = global_sum(weight * x)
+        count = global_sum(weight)
+
     safe_count = ops.maximum(count, 1e-30)
     if shift is None or shift_valid is not None:
-        first_pass = global_sum(weight * x) / safe_count
+        first_pass = total / safe_count
         shift = (
             first_pass if shift is None else ops.where(shift_valid, shift, first_pass)
         )
-    centred = ops.where(present, x - shift, 0.0)
-    first = global_sum(weight * centred)
-    second = global_sum(weight * ops.square(centred))
+    centred = x - shift
+    if mask is None:
+        first = global_sum(centred)
+        second = global_sum(ops.square(centred))
+    else:
+        centred = ops.where(present, centred, 0.0)
+        first = global_sum(weight * centred)
+        second = global_sum(weight * ops.square(centred))
     mean_offset = first / safe_count
     m2 = ops.maximum(second - first * mean_offset, 0.0)
     # Nothing seen (an empty or fully masked batch): a NaN mean, so that the
     # base class's non-finite guard skips the update and counts the skip.
     mean_offset = ops.where(count > 0, mean_offset, float("nan"))
     return count, shift, mean_offset, m2
+
+
+def _values_per_feature(x: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """How many values of `x` each feature has: the product of `axes`' sizes."""
+    shape = ops.shape(x)
+    count = ops.convert_to_tensor(1.0, "float32")
+    for axis in axes:
+        count = count * ops.cast(shape[axis], "float32")
+    return count
