@@ -149,6 +149,29 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def scaling_section(backend: str, record: dict, size_key: str, label: str) -> list[str]:
+    """A backend's heading, machine line and table: one row per size, a
+    column per variant (step time in ms, median and min–max)."""
+    results = record["results"]
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    sizes = sorted({r[size_key] for r in results})
+    by = {(r["variant"], r[size_key]): r for r in results}
+    rows = [
+        [f"{k:,}"] + [spread(by[v, k]) if (v, k) in by else "–" for v in variants]
+        for k in sizes
+    ]
+    return [
+        f"### {NAMES[backend]}",
+        "",
+        machine(record),
+        "",
+        f"Step: {record.get('step', '?')}; D = {record.get('D')}, "
+        f"B = {record.get('B')}. Step time in ms, median (min–max).",
+        "",
+        *table([label, *variants], rows),
+    ]
+
+
 def figure(ncols: int, nrows: int = 1, height: float = 3.4):
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(4.6 * ncols, height * nrows), squeeze=False
@@ -324,20 +347,8 @@ def center_loss(records, plots):
         speedup = speedup or summary["dense_over_ours_at_largest"]
         growth_value = growth["median"] if isinstance(growth, dict) else growth
         speed_value = speedup["median"] if isinstance(speedup, dict) else speedup
-        variants = list(dict.fromkeys(r["variant"] for r in record["results"]))
         sizes = sorted({r["num_classes"] for r in record["results"]})
-        by = {(r["variant"], r["num_classes"]): r for r in record["results"]}
-        rows = [
-            [f"{k:,}"] + [spread(by[v, k]) if (v, k) in by else "–" for v in variants]
-            for k in sizes
-        ]
-        lines += [f"### {NAMES[backend]}", "", machine(record), ""]
-        lines += [
-            f"Step: {record.get('step', '?')}; D = {record.get('D')}, "
-            f"B = {record.get('B')}. Step time in ms, median (min–max).",
-            "",
-        ]
-        lines += table(["K", *variants], rows)
+        lines += scaling_section(backend, record, "num_classes", "K")
         lines += [
             "",
             f"- ours at K = {sizes[-1]:,} ÷ at K = {sizes[0]:,}: "
@@ -389,20 +400,8 @@ def memory_queue(records, plots):
             or summary["ours_largest_over_smallest"]
         )
         value = growth["median"] if isinstance(growth, dict) else growth
-        variants = list(dict.fromkeys(r["variant"] for r in record["results"]))
         sizes = sorted({r["size"] for r in record["results"]})
-        by = {(r["variant"], r["size"]): r for r in record["results"]}
-        rows = [
-            [f"{k:,}"] + [spread(by[v, k]) if (v, k) in by else "–" for v in variants]
-            for k in sizes
-        ]
-        lines += [f"### {NAMES[backend]}", "", machine(record), ""]
-        lines += [
-            f"Step: {record.get('step', '?')}; D = {record.get('D')}, "
-            f"B = {record.get('B')}. Step time in ms, median (min–max).",
-            "",
-        ]
-        lines += table(["queue size", *variants], rows)
+        lines += scaling_section(backend, record, "size", "queue size")
         read = ratios.get("ours_read_largest_over_smallest")
         whole = ratios.get("whole_largest_over_smallest")
         whole_over = ratios.get("whole_over_ours_at_largest")
