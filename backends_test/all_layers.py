@@ -141,8 +141,13 @@ def values(variables: list[keras.Variable]) -> dict[str, np.ndarray]:
 
 
 def model_values(model: keras.Model) -> dict[str, np.ndarray]:
-    """Every variable of the model (weights, state, seeds) and of its optimizer."""
-    found = values(model.variables)
+    """Every variable of the model (weights, state, seeds) and of its optimizer.
+
+    Leaves out the logged values' accumulators: like a Keras metric's
+    variables they are not saved, so a resumed run starts them anew.
+    """
+    logged = {id(v) for layer in stateful_layers(model) for v in layer.logged_variables}
+    found = values([v for v in model.variables if id(v) not in logged])
     if model.optimizer is not None:
         found.update(values(model.optimizer.variables))
     return found

@@ -8,9 +8,13 @@ Run as a script by `test_distributed.py` (each engine needs its own process):
     RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
         python -m backends_test.distributed_worker torch-ddp OUT.npz  # one per rank
 
-It writes the state variables of every stateful layer (by path) to OUT.npz.
-The same global batches are used everywhere; the data-parallel runs must end
-with the state of the single-device run.
+It writes the state variables of every stateful layer (by path) to OUT.npz,
+and the logged values (`logged/center_loss`, `logged/val_center_loss`, ...):
+the epoch means of `fit`'s History, or, in the PyTorch loops, the means read
+with `keras_stateful.read_logged_values` after training and after a
+validation pass. The same global batches are used everywhere; the
+data-parallel runs must end with the state and the logged values of the
+single-device run.
 """
 
 from __future__ import annotations
@@ -91,13 +95,59 @@ def states(model):
     return result
 
 
+def validation_data():
+    """Two global batches of their own, for the logged validation values."""
+    rng = np.random.default_rng(11)
+    n = GLOBAL_BATCH * 2
+    x = rng.normal(2.0, 3.0, (n, FEATURES)).astype("float32")
+    y = rng.choice(CLASSES, size=n).astype("int32")
+    return x, y, rng.normal(size=(n, 1)).astype("float32")
+
+
+def logged(history):
+    """The logged values of a one-epoch History, as `logged/<name>`."""
+    ours = ("centers", "codebook", "val_centers", "val_codebook")
+    return {
+        f"logged/{k}": np.array(v[-1]) for k, v in history.items() if k.startswith(ours)
+    }
+
+
 def fit(model):
     x, y, target = data()
+    vx, vy, vtarget = validation_data()
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
-    model.fit(
-        [x, y], target, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0
-    )
-    return states(model)
+    history = model.fit(
+        [x, y],
+        target,
+        batch_size=GLOBAL_BATCH,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        validation_data=([vx, vy], vtarget),
+        callbacks=[keras_stateful.LogLayerValues()],
+    ).history
+    return {**states(model), **logged(history)}
+
+
+def torch_logged(model, validation_rows):
+    """Training means so far, then the means of a validation pass (torch loops).
+
+    Every process calls `read_logged_values` (it sums over processes).
+    """
+    import torch
+
+    training = keras_stateful.read_logged_values(model)
+    for layer in keras_stateful.find_stateful_layers(model):
+        layer.reset_logged_values()
+    vx, vy, _ = validation_data()
+    with keras_stateful.evaluation_logging(all_replicas=True):
+        for rows in validation_rows:
+            model([torch.tensor(vx[rows]), torch.tensor(vy[rows])], training=False)
+    validation = keras_stateful.read_logged_values(model)
+    return {
+        **{f"logged/{k}": np.array(v) for k, v in training.items()},
+        **{f"logged/val_{k}": np.array(v) for k, v in validation.items()},
+    }
 
 
 def run_single():
@@ -164,6 +214,15 @@ def run_torch_ddp():
         loss.backward()
         optimizer.step()
     result = states(model)
+    result.update(
+        torch_logged(
+            model,
+            [
+                slice(b * GLOBAL_BATCH + start, b * GLOBAL_BATCH + start + split[rank])
+                for b in range(2)
+            ],
+        )
+    )
     if rank == 0:
         # Inference never communicates: rank 0 predicts alone, while rank 1
         # leaves. A collective here would wait for rank 1 until the timeout.
@@ -189,7 +248,8 @@ def run_torch_single():
         loss = loss + sum(model.losses)
         loss.backward()
         optimizer.step()
-    return states(model)
+    batches = [slice(b * GLOBAL_BATCH, (b + 1) * GLOBAL_BATCH) for b in range(2)]
+    return {**states(model), **torch_logged(model, batches)}
 
 
 RUNS = {

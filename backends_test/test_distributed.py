@@ -42,8 +42,22 @@ def run_worker(mode, out, **env):
     return dict(np.load(out))
 
 
+LOGGED = {
+    f"logged/{prefix}{name}"
+    for prefix in ("", "val_")
+    for name in (
+        "centers",
+        "codebook_perplexity",
+        "codebook_usage",
+        "codebook_commitment_loss",
+    )
+}
+
+
 def assert_same_state(reference, replica, label):
+    """Every state variable and every logged value (training and validation)."""
     assert replica, f"{label}: no state recorded"
+    assert LOGGED <= replica.keys(), f"{label}: missing {LOGGED - replica.keys()}"
     for path, value in replica.items():
         expected = reference[path.split("@")[0]]
         np.testing.assert_allclose(
@@ -98,7 +112,7 @@ def test_jax_data_parallel_on_four_devices_matches_one_device(tmp_path):
 def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path):
     single = run_worker("single", tmp_path / "single.npz")
     mirrored = run_worker("tf-mirrored", tmp_path / "mirrored.npz")
-    replicas = {path.split("@")[1] for path in mirrored}
+    replicas = {path.split("@")[1] for path in mirrored if "@" in path}
     assert replicas == {"0", "1"}, "each replica's copy must be checked"
     assert_same_state(single, mirrored, "MirroredStrategy(2 CPU devices)")
 

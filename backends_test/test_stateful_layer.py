@@ -511,9 +511,38 @@ class LogsBatchMean(keras_stateful.StatefulLayer):
 
 def test_logged_value_is_a_batch_weighted_mean():
     layer = LogsBatchMean()
-    layer(np.ones((1, 2), "float32"))
     layer(np.full((3, 2), 5.0, "float32"), training=True)
+    with keras_stateful.evaluation_logging():
+        layer(np.ones((1, 2), "float32"))
     assert layer.logged_values() == {"batch_mean": 4.0}
+
+
+@pytest.mark.parametrize("training", [False, None])
+def test_inference_records_no_logged_value(training):
+    layer = LogsBatchMean()
+    layer(np.full((3, 2), 5.0, "float32"), training=training)
+    layer(np.full((3, 2), 5.0, "float32"))
+    assert np.isnan(layer.logged_values()["batch_mean"])
+    sums = [float(keras.ops.convert_to_numpy(v)) for v in layer.logged_variables]
+    assert sums == [0.0, 0.0]
+
+
+def test_logged_values_live_beside_the_weights():
+    layer = LogsBatchMean(name="probe")
+    layer.build((None, 2))
+    paths = [v.path for v in layer.logged_variables]
+    assert paths == ["probe/batch_mean_total", "probe/batch_mean_count"]
+    assert not set(paths) & {v.path for v in layer.weights}
+    assert set(paths) <= {v.path for v in layer.non_trainable_variables}
+
+
+def test_a_symbolic_training_flag_gates_the_logged_value():
+    layer = LogsBatchMean()
+    flag = keras.ops.convert_to_tensor(False)
+    layer(np.full((3, 2), 5.0, "float32"), training=flag)
+    assert np.isnan(layer.logged_values()["batch_mean"])
+    layer(np.full((2, 2), 1.0, "float32"), training=keras.ops.logical_not(flag))
+    assert layer.logged_values() == {"batch_mean": 1.0}
 
 
 def test_logging_an_undeclared_value_says_how_to_declare_it():

@@ -212,7 +212,7 @@ def test_commitment_loss_and_output_use_the_codebook_before_the_update(rng):
     assert loss > 0 and not np.allclose(value_of(layer.embeddings), quantized[:K])
 
 
-def test_inference_does_not_update_but_quantizes_and_logs(rng):
+def test_inference_does_not_update_or_log_but_quantizes(rng):
     x = rng.normal(size=(8, D)).astype("float32")
     layer = VectorQuantizerEMA(K, D, seed=0, restart_threshold=1.0)
     layer.build(x.shape)
@@ -225,6 +225,9 @@ def test_inference_does_not_update_but_quantizes_and_logs(rng):
         )
     for name, value in state_of(layer).items():
         np.testing.assert_array_equal(value, initial[name])
+    assert np.isnan(layer.logged_values()[f"{layer.name}_usage"])
+    with keras_stateful.evaluation_logging():  # e.g. Keras's test_step
+        layer(x, training=False)
     assert layer.logged_values()[f"{layer.name}_usage"] > 0
 
 

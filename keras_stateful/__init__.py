@@ -7,7 +7,11 @@ PyTorch; `keras_stateful.layers` holds the layers built on it, and
 
 from keras_stateful import layers
 from keras_stateful.calibrate import calibrate
-from keras_stateful.log_layer_values import LogLayerValues
+from keras_stateful.logged_values import (
+    LogLayerValues,
+    evaluation_logging,
+    read_logged_values,
+)
 from keras_stateful.stateful_layer import StatefulLayer, find_stateful_layers
 
 __version__ = "0.1.0"
@@ -17,6 +21,8 @@ __all__ = [
     "StatefulLayer",
     "__version__",
     "calibrate",
+    "evaluation_logging",
     "find_stateful_layers",
     "layers",
+    "read_logged_values",
 ]

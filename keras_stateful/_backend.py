@@ -218,6 +218,43 @@ def _torch_world() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def accumulator(name: str, scope: str) -> keras.Variable:
+    """A float32 scalar for a logged sum: outside the weights, summed on read.
+
+    Created like a Keras metric's variable (`aggregation="sum"`,
+    `synchronization="on_read"`): under `tf.distribute` each replica adds to
+    its own copy and a read in the cross-replica context returns their sum.
+    Elsewhere these settings change nothing. Its path is `scope/name`.
+    """
+    with keras.name_scope(scope):
+        return keras.Variable(
+            keras.initializers.Zeros(),
+            shape=(),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            aggregation="sum",
+            synchronization="on_read",
+            name=name,
+        )
+
+
+def sum_over_processes(values: Any) -> Any:
+    """A NumPy array summed over the processes of a `torch.distributed` group.
+
+    Every process must call it. Elsewhere (one process, JAX, TensorFlow) it
+    returns `values` unchanged.
+    """
+    if BACKEND != "torch" or not _torch_world():
+        return values
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.numpy()
+
+
 def cross_replica_sum(x: Tensor) -> Tensor:
     """Sum `x` over all replicas of a data-parallel run.
 

@@ -9,8 +9,10 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import _backend, logged_values
 from keras_stateful.types import Tensor
+
+_FROM_CALL: Any = object()  # `log_value`'s default: the running call's flag
 
 _TRAINING_HELP = (
     "Pass `training=training` from your layer's `call(self, inputs, "
@@ -92,7 +94,7 @@ class StatefulLayer(keras.layers.Layer):
             trainable=False,
             autocast=False,
         )
-        self._logged: dict[str, tuple[keras.Variable, keras.Variable]] = {}
+        self._logged_values = logged_values.LoggedValues(self.name)
 
     # ------------------------------------------------------------------ state
 
@@ -188,65 +190,71 @@ class StatefulLayer(keras.layers.Layer):
     def add_logged_value(self, name: str) -> None:
         """Declare a value that `call()` reports with `log_value(name, ...)`.
 
-        The layer keeps its running mean (a sum and a count, float32
-        non-trainable weights, so they travel through `fit` on every backend,
-        JAX included) and `keras_stateful.LogLayerValues` shows it in the
-        `fit`/`evaluate` logs under `name`. A layer-owned `keras.metrics.Mean`
+        The layer keeps its running mean (a weighted sum and a count) in two
+        float32 accumulators beside the weights, like a Keras metric's: they
+        are in `layer.variables`, so `fit` carries them on every backend (JAX
+        included), but not in `layer.weights`, `get_weights()` or a saved
+        file. `keras_stateful.LogLayerValues` shows the mean in the `fit` and
+        `evaluate` logs under `name`. (A layer-owned `keras.metrics.Mean`
         cannot do this on JAX in Keras 3: the JAX trainer does not carry
-        metric variables through the forward pass (keras-team/keras#21639).
+        metric variables through the forward pass, keras-team/keras#21639.)
 
         Args:
             name: The key in the logs, e.g. the layer's name.
         """
-        if name in self._logged:
-            raise ValueError(f"Layer '{self.name}': logged value '{name}' exists.")
-        total, count = (
-            self.add_weight(
-                name=f"{name}_{part}",
-                shape=(),
-                dtype="float32",
-                initializer="zeros",
-                trainable=False,
-                autocast=False,
-            )
-            for part in ("total", "count")
-        )
-        self._logged[name] = (total, count)
+        weights_so_far = len(self._non_trainable_variables)
+        self._logged_values.declare(name, weights_so_far)
 
-    def log_value(self, name: str, value: Tensor, count: Any = 1) -> None:
+    def log_value(
+        self, name: str, value: Tensor, count: Any = 1, *, training: Any = _FROM_CALL
+    ) -> None:
         """Add `value` (a scalar, weighted by `count` samples) to a logged mean.
 
-        It is recorded in training and inference alike, like a Keras metric,
-        and never touches the state or the gradient. Inside a user's own
+        Recorded only in a training call and during evaluation (Keras's
+        `evaluate` with `LogLayerValues` attached, or inside
+        `keras_stateful.evaluation_logging()`); in `predict` and any other
+        call with `training=False` or `None` nothing is written. It never
+        touches the state, the weights or the gradient. Inside a user's own
         `jax.jit` (outside `stateless_call`) nothing is recorded.
+
+        Args:
+            name: A name declared with `add_logged_value`.
+            value: A scalar tensor.
+            count: How many samples `value` stands for. Defaults to 1.
+            training: The call's `training` argument. Defaults to the value of
+                the Keras layer call now running.
         """
-        if name not in self._logged:
-            raise ValueError(
-                f"Layer '{self.name}': no logged value '{name}'; declare it "
-                f"with `self.add_logged_value({name!r})` in __init__()."
-            )
-        value = ops.stop_gradient(ops.cast(value, "float32"))
-        if not _backend.can_assign(value):
-            return
-        count = ops.cast(count, "float32")
-        total, seen = self._logged[name]
-        _backend.assign(total, _backend.read_value(total) + value * count)
-        _backend.assign(seen, _backend.read_value(seen) + count)
+        if training is _FROM_CALL:
+            training = _backend.current_training_flag()
+        self._logged_values.record(name, value, count, training)
 
     def logged_values(self) -> dict[str, float]:
         """The running means since the last reset, by name (NaN if none seen)."""
-        values = {}
-        for name, (total, seen) in self._logged.items():
-            count = float(ops.convert_to_numpy(seen))
-            total_value = float(ops.convert_to_numpy(total))
-            values[name] = total_value / count if count else float("nan")
-        return values
+        return logged_values.means(self._logged_values.sums())
 
     def reset_logged_values(self) -> None:
         """Start the running means of `logged_values()` again from nothing."""
-        for total, seen in self._logged.values():
-            total.assign(0.0)
-            seen.assign(0.0)
+        self._logged_values.reset()
+
+    @property
+    def logged_variables(self) -> list[keras.Variable]:
+        """The accumulators of the logged values: in `variables`, not `weights`."""
+        logged = getattr(self, "_logged_values", None)  # None inside __init__
+        return logged.variables if logged else []
+
+    @property
+    def variables(self) -> list[keras.Variable]:
+        """Every variable of the layer: weights, seeds and logging accumulators."""
+        return [*super().variables, *self.logged_variables]
+
+    def load_own_variables(self, store: Any) -> None:
+        expected = len(self._trainable_variables) + len(self._non_trainable_variables)
+        legacy = [
+            len(self._trainable_variables) + position
+            for position in self._logged_values.legacy_positions
+        ]
+        store = logged_values.without_legacy_entries(store, legacy, expected)
+        super().load_own_variables(store)
 
     # ----------------------------------------------------------------- update
 

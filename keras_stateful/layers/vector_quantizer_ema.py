@@ -9,7 +9,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import _backend, logged_values
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -268,11 +268,12 @@ class VectorQuantizerEMA(StatefulLayer):
         outputs = x + ops.stop_gradient(quantized - x)
 
         # Code counts over all replicas' batches in training (the update and
-        # the logged perplexity and usage need them); in inference, over this
-        # replica's batch, so that no replica waits for another.
+        # the logged perplexity and usage need them) and in an evaluation
+        # that every replica takes part in; otherwise over this replica's
+        # batch, so that no replica waits for another.
         updating = self.may_update(training)
         counts, sums = self._code_statistics(flat, codes, with_sums=updating)
-        if updating:
+        if updating or logged_values.evaluating_on_all_replicas():
             counts = _backend.cross_replica_sum(counts)
         batch = ops.shape(inputs)[0]
         self._log(counts, loss, batch)
