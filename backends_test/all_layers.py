@@ -140,7 +140,7 @@ def values(variables: list[keras.Variable]) -> dict[str, np.ndarray]:
     return {v.path: np.array(ops.convert_to_numpy(v)) for v in variables}
 
 
-def model_values(model: keras.Model) -> dict[str, np.ndarray]:
+def model_values(model: keras.layers.Layer) -> dict[str, np.ndarray]:
     """Every variable of the model (weights, state, seeds) and of its optimizer.
 
     Leaves out the logged values' accumulators: like a Keras metric's
@@ -148,7 +148,7 @@ def model_values(model: keras.Model) -> dict[str, np.ndarray]:
     """
     logged = {id(v) for layer in stateful_layers(model) for v in layer.logged_variables}
     found = values([v for v in model.variables if id(v) not in logged])
-    if model.optimizer is not None:
+    if getattr(model, "optimizer", None) is not None:
         found.update(values(model.optimizer.variables))
     return found
 
