@@ -51,7 +51,14 @@ class Goal:
     @classmethod
     def of(cls, record: dict, figure: str) -> Goal:
         """The goal that `record` (one JSON file) sets on `figure`."""
-        ((bound, limit),) = record["goals"][figure].items()
+        goals = record.get("goals", {})
+        if figure not in goals:
+            raise ValueError(
+                f"{record['benchmark']}_{record['backend']}.json sets no goal on "
+                f"{figure!r}; received goals {goals}. Rerun the script, or add "
+                f'"goals": {{"{figure}": {{"max": <limit>}}}} (or "min") to the file.'
+            )
+        ((bound, limit),) = goals[figure].items()
         return cls(bound, limit)
 
     def met(self, value: float) -> bool:
@@ -83,7 +90,7 @@ class Headline:
     goal: Goal | None = None
 
     @classmethod
-    def ratio(cls, label: str, value: float, context: str, goal: Goal, digits=2):
+    def ratio(cls, label: str, value: float, context: str, goal: Goal, digits: int = 2):
         """`1.02× (100,000 ÷ 10)`, checked against `goal`."""
         return cls(label, f"{value:.{digits}f}× ({context})", value, goal)
 
