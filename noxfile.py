@@ -7,6 +7,7 @@ python3 -m nox -s bench      # the benchmarks on every backend, then the report
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import nox
@@ -63,19 +64,23 @@ BENCH_SCRIPTS = [
 ]
 
 
+BENCH_USAGE = "bench takes --quick and --threads N"
+
+
 def bench_options(posargs: list[str]) -> tuple[bool, int | None]:
-    """`--quick` and `--threads N` from the session's arguments."""
-    unknown = [a for a in posargs if a != "--quick" and not a.startswith("--threads")]
-    threads = None
-    for i, arg in enumerate(posargs):
-        if arg.startswith("--threads="):
-            threads = int(arg.split("=", 1)[1])
-        elif arg == "--threads" and i + 1 < len(posargs):
-            threads = int(posargs[i + 1])
-            unknown.remove(posargs[i + 1])
+    """`--quick` and `--threads N` (or `--threads=N`) from the session's arguments."""
+    parser = argparse.ArgumentParser(
+        prog="nox -s bench --", allow_abbrev=False, add_help=False, exit_on_error=False
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int)
+    try:
+        options, unknown = parser.parse_known_args(posargs)
+    except argparse.ArgumentError as error:  # `--threads` without a whole number
+        raise ValueError(f"{BENCH_USAGE}; received {posargs}: {error}") from None
     if unknown:
-        raise ValueError(f"bench takes --quick and --threads N; received {unknown}")
-    return "--quick" in posargs, threads
+        raise ValueError(f"{BENCH_USAGE}; received {unknown}")
+    return options.quick, options.threads
 
 
 def bench_paths(quick: bool) -> tuple[str, str]:

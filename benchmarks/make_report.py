@@ -4,7 +4,9 @@ Reads every `<benchmark>_<backend>.json` in the results folder, and writes
 the report (a headline table of the goals, then one section per question
 with a table per backend, the machine and versions beside the figures, the
 plots, and the hand-written analysis in benchmarks/notes/<benchmark>.md when
-there is one) and PNG plots in `plots/` beside the report.
+there is one) and PNG plots in `plots/` beside the report (drawn by
+`report_plots.py`). The goals come from the JSON: each script writes its own
+under `"goals"`, as `{figure: {"max": limit}}` or `{figure: {"min": limit}}`.
 
     python benchmarks/make_report.py [--results DIR] [--report FILE]
 
@@ -17,19 +19,16 @@ Needs only matplotlib (no backend, no Keras).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
-import statistics
 import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import report_plots
+from report_plots import NAMES
 
 HERE = pathlib.Path(__file__).resolve().parent
 BACKENDS = ["jax", "tensorflow", "torch"]
-NAMES = {"jax": "JAX", "tensorflow": "TensorFlow", "torch": "PyTorch"}
 BENCHMARKS = {
     "update_overhead": "1. Overhead of the update",
     "center_loss_scaling": "2. CenterLoss scaling",
@@ -37,7 +36,72 @@ BENCHMARKS = {
     "vector_quantizer_scaling": "4. VectorQuantizerEMA: time and peak memory",
     "native_comparison": "5. Against Keras's BatchNormalization and native code",
 }
-COLORS = {"jax": "tab:blue", "tensorflow": "tab:orange", "torch": "tab:red"}
+
+
+# ---------------------------------------------------------------- figures
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """A bound on one figure, as a script writes it: `{"max": 1.05}`."""
+
+    bound: str  # "max" or "min"
+    limit: float
+
+    @classmethod
+    def of(cls, record: dict, figure: str) -> Goal:
+        """The goal that `record` (one JSON file) sets on `figure`."""
+        goals = record.get("goals", {})
+        if figure not in goals:
+            raise ValueError(
+                f"{record['benchmark']}_{record['backend']}.json sets no goal on "
+                f"{figure!r}; received goals {goals}. Rerun the script, or add "
+                f'"goals": {{"{figure}": {{"max": <limit>}}}} (or "min") to the file.'
+            )
+        ((bound, limit),) = goals[figure].items()
+        return cls(bound, limit)
+
+    def met(self, value: float) -> bool:
+        return value <= self.limit if self.bound == "max" else value >= self.limit
+
+    def text(self, spec: str = "") -> str:
+        """`≤ 1.05` or `≥ 10.0`; `spec` formats the limit (`g`: `≥ 10`)."""
+        return f"{'≤' if self.bound == 'max' else '≥'} {self.limit:{spec}}"
+
+    def check(self, value: float) -> str:
+        """`goal ≤ 1.5: met`."""
+        return f"goal {self.text()}: {verdict(self.met(value))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Headline:
+    """One cell of the headline table: a figure of one backend.
+
+    Args:
+        label: what the figure is (the table's row).
+        figure: the figure as the cell shows it.
+        value: the number the goal is checked on (with a goal).
+        goal: the goal, or None for a figure without one.
+    """
+
+    label: str
+    figure: str
+    value: float | None = None
+    goal: Goal | None = None
+
+    @classmethod
+    def ratio(cls, label: str, value: float, context: str, goal: Goal, digits: int = 2):
+        """`1.02× (100,000 ÷ 10)`, checked against `goal`."""
+        return cls(label, f"{value:.{digits}f}× ({context})", value, goal)
+
+    def cell(self) -> str:
+        if self.goal is None or self.value is None:
+            return self.figure
+        return f"{self.figure}: {verdict(self.goal.met(self.value))}"
+
+
+Headlines = dict[str, list[Headline]]  # {backend: its headline figures}
+Section = tuple[list[str], list[Headline]]  # a backend's lines, headlines
 
 
 # ---------------------------------------------------------------- helpers
@@ -98,49 +162,47 @@ def verdict(met: bool | None) -> str:
 
 def machine(record: dict) -> str:
     """One line: backend and versions, CPU, cores, threads, load, date."""
-    versions = record.get("versions", {})
+    versions = record["versions"]
     backend = record["backend"]
-    module = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}[backend]
-    version = versions.get(module) or versions.get("tensorflow-cpu") or "?"
-    threads = record.get("threads") or {}
-    requested = threads.get("requested")
-    load = record.get("load_average_start")
+    version = versions.get(backend) or versions.get("tensorflow-cpu") or "?"
     parts = [
         f"{NAMES[backend]} {version}",
-        f"Keras {versions.get('keras', record.get('keras', '?'))}",
+        f"Keras {versions['keras']}",
         f"keras_stateful {versions.get('keras_stateful', '?')}",
-        f"{record.get('cpu', record.get('machine', '?'))}",
-        f"{record.get('cores', '?')} cores",
+        record["cpu"],
+        f"{record['cores']} cores",
+        _threads(record),
     ]
-    if "threads" not in record:
-        parts.append("threads not recorded")
-    else:
-        parts.append(
-            f"{requested} intra-op thread(s)" if requested else "default threads"
-        )
+    load = record.get("load_average_start")
     if load:
         parts.append(f"load {load[0]:.1f} at start")
-    parts.append(str(record.get("date", "?"))[:16].replace("T", " ") + " UTC")
+    parts.append(record["date"][:16].replace("T", " ") + " UTC")
+    parts += _provenance(record)
+    return "_" + ", ".join(parts) + "_"
+
+
+def _threads(record: dict) -> str:
+    if "threads" not in record:
+        return "threads not recorded"
+    requested = (record["threads"] or {}).get("requested")
+    return f"{requested} intra-op thread(s)" if requested else "default threads"
+
+
+def _provenance(record: dict) -> list[str]:
+    """Commit and library source hash when recorded; a warning on a quick run."""
+    parts = []
     if record.get("commit"):
         parts.append(f"commit {record['commit']}")
     if record.get("keras_stateful_source_sha256"):
         parts.append(f"library source {record['keras_stateful_source_sha256']}")
     if record.get("quick"):
         parts.append("**quick run: sizes and steps cut, not representative**")
-    return "_" + ", ".join(parts) + "_"
+    return parts
 
 
-def _quartiles(row: dict) -> tuple[float, float]:
-    """Quartiles of a variant's per-round medians (min-max without rounds).
-
-    Clipped to include the median (the median of all steps need not lie
-    between the quartiles of the round medians).
-    """
-    rounds = row.get("round_medians_s") or []
-    if len(rounds) < 4:
-        return row["min_s"], row["max_s"]
-    q = statistics.quantiles(rounds, n=4)
-    return min(q[0], row["median_s"]), max(q[2], row["median_s"])
+def heading(backend: str, record: dict) -> list[str]:
+    """A backend's subsection heading and its machine line."""
+    return [f"### {NAMES[backend]}", "", machine(record), ""]
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -149,22 +211,28 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def sizes_of(record: dict, size_key: str) -> list[int]:
+    return sorted({r[size_key] for r in record["results"]})
+
+
+def _ends(record: dict, size_key: str) -> tuple[str, str]:
+    """The smallest and the largest size, written `100,000`."""
+    sizes = sizes_of(record, size_key)
+    return f"{sizes[0]:,}", f"{sizes[-1]:,}"
+
+
 def scaling_section(backend: str, record: dict, size_key: str, label: str) -> list[str]:
     """A backend's heading, machine line and table: one row per size, a
     column per variant (step time in ms, median and min–max)."""
     results = record["results"]
     variants = list(dict.fromkeys(r["variant"] for r in results))
-    sizes = sorted({r[size_key] for r in results})
     by = {(r["variant"], r[size_key]): r for r in results}
     rows = [
         [f"{k:,}"] + [spread(by[v, k]) if (v, k) in by else "–" for v in variants]
-        for k in sizes
+        for k in sizes_of(record, size_key)
     ]
     return [
-        f"### {NAMES[backend]}",
-        "",
-        machine(record),
-        "",
+        *heading(backend, record),
         f"Step: {record.get('step', '?')}; D = {record.get('D')}, "
         f"B = {record.get('B')}. Step time in ms, median (min–max).",
         "",
@@ -172,565 +240,316 @@ def scaling_section(backend: str, record: dict, size_key: str, label: str) -> li
     ]
 
 
-def figure(ncols: int, nrows: int = 1, height: float = 3.4):
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(4.6 * ncols, height * nrows), squeeze=False
-    )
-    return fig, axes
-
-
-def save(fig, path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def goal_line(text: str, ratio: dict, goal: Goal, digits: int = 2) -> str:
+    """`- <text>: 1.02× (0.91–1.07) (goal ≤ 1.5: met)`."""
+    return f"- {text}: {times(ratio, digits)} ({goal.check(ratio['median'])})"
 
 
 # ------------------------------------------------------------- questions
 
 
-def update_overhead(records, plots):
-    """Question 1: a table per backend, one plot; the headline figure."""
-    lines, headline = [], {}
-    for backend, record in records.items():
-        goal = record.get("goal", {}).get("on_over_frozen_max", 1.05)
-        by = {(r["model"], r["layer"], r["variant"]): r for r in record["results"]}
-        rows = []
-        worst = None
-        for key, ratio in record["ratios"].items():
-            model, layer = key.split("/")
-            on_frozen = ratio["on_over_frozen"]
-            control = ratio.get("frozen_copy_over_frozen")
-            if worst is None or on_frozen["median"] > worst[1]:
-                worst = (key, on_frozen["median"], control)
-            rows.append(
-                [
-                    model.upper(),
-                    layer,
-                    ms(by[model, layer, "on"]["median_s"]),
-                    ms(by[model, layer, "frozen"]["median_s"]),
-                    ms(by[model, layer, "no_update"]["median_s"]),
-                    ms(by[model, layer, "without"]["median_s"]),
-                    times(on_frozen, 3),
-                    verdict(on_frozen["median"] <= goal),
-                    times(control, 3),
-                    times(ratio["on_over_no_update"]),
-                    times(ratio["on_over_without"]),
-                ]
-            )
-        headline[backend] = (worst, goal)
-        lines += [f"### {NAMES[backend]}", "", machine(record), ""]
-        lines += [
-            f"Step: {record.get('step', '?')}; batch {record.get('batch')}, "
-            f"MLP width {record.get('mlp_width')}, "
-            f"{record.get('rounds')} rounds × {record.get('steps_per_round')} "
-            "step(s) per variant. Times: median step, ms. Ratios: median of the "
-            "per-round ratios (their quartiles in brackets). The A/A column "
-            "compares two separately built frozen models, the same program: "
-            "its distance from 1 is the noise of this machine.",
-            "",
-        ]
-        lines += table(
-            [
-                "model",
-                "layer",
-                "on",
-                "frozen",
-                "no update",
-                "without",
-                "on ÷ frozen",
-                f"≤ {goal}",
-                "A/A: frozen′ ÷ frozen",
-                "on ÷ no update",
-                "on ÷ without",
-            ],
-            rows,
-        )
-        lines.append("")
-    if records:
-        models = [
-            m
-            for m in ("mlp", "cnn")
-            if any(k.startswith(m + "/") for r in records.values() for k in r["ratios"])
-        ]
-        fig, axes = figure(len(records), nrows=len(models))
-        for col, (backend, record) in enumerate(records.items()):
-            for row, model in enumerate(models):
-                ax = axes[row][col]
-                keys = [k for k in record["ratios"] if k.startswith(model + "/")]
-                if not keys:
-                    ax.set_visible(False)
-                    continue
-                labels = [k.split("/")[1] for k in keys]
-                for offset, (name, color) in enumerate(
-                    [
-                        ("frozen_copy_over_frozen", "tab:olive"),
-                        ("on_over_frozen", "tab:green"),
-                        ("on_over_no_update", "tab:purple"),
-                        ("on_over_without", "tab:gray"),
-                    ]
-                ):
-                    if any(name not in record["ratios"][k] for k in keys):
-                        continue
-                    values = [record["ratios"][k][name] for k in keys]
-                    medians = [v["median"] for v in values]
-                    low = [
-                        v["median"] - v.get("round_q25", v["median"]) for v in values
-                    ]
-                    high = [
-                        v.get("round_q75", v["median"]) - v["median"] for v in values
-                    ]
-                    ax.bar(
-                        [i + 0.2 * (offset - 1.5) for i in range(len(keys))],
-                        medians,
-                        width=0.2,
-                        color=color,
-                        yerr=[low, high],
-                        capsize=2,
-                        label=name.replace("frozen_copy_over_frozen", "A/A control")
-                        .replace("_over_", " ÷ ")
-                        .replace("_", " "),
-                    )
-                ax.axhline(1.05, color="black", linestyle="--", linewidth=0.8)
-                ax.axhline(1.0, color="black", linewidth=0.5)
-                ax.set_xticks(range(len(keys)), labels, rotation=35, ha="right")
-                ax.set_title(f"{NAMES[backend]}, {model.upper()}")
-                ax.set_ylabel("step-time ratio")
-                tallest = max(
-                    record["ratios"][k][name]["median"]
-                    for k in keys
-                    for name in ("on_over_frozen", "on_over_no_update")
-                )
-                ax.set_ylim(0.8, min(max(1.5, tallest + 0.15), 3.0))
-        axes[0][0].legend(fontsize=7)
-        save(fig, plots / "update_overhead.png")
-        lines += ["![update overhead](plots/update_overhead.png)", ""]
-    return lines, headline
+def update_overhead(backend: str, record: dict) -> Section:
+    """Question 1: a table per backend; the worst layer as headline."""
+    goal = Goal.of(record, "on_over_frozen")
+    return overhead_table(backend, record, goal), [overhead_headline(record, goal)]
 
 
-def scaling_plot(records, plots, name, size_key, xlabel, title):
-    fig, axes = figure(len(records))
-    for ax, (backend, record) in zip(axes[0], records.items(), strict=True):
-        variants = dict.fromkeys(r["variant"] for r in record["results"])
-        for variant in variants:
-            rows = sorted(
-                (r for r in record["results"] if r["variant"] == variant),
-                key=lambda r: r[size_key],
-            )
-            x = [r[size_key] for r in rows]
-            ax.plot(x, [1e3 * r["median_s"] for r in rows], marker="o", label=variant)
-            ax.fill_between(
-                x,
-                [1e3 * r["min_s"] for r in rows],
-                [1e3 * r["max_s"] for r in rows],
-                alpha=0.15,
-            )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("step time, ms (median, min–max)")
-        ax.set_title(f"{NAMES[backend]}: {title}")
-        ax.legend(fontsize=7)
-    save(fig, plots / f"{name}.png")
+def overhead_table(backend: str, record: dict, goal: Goal) -> list[str]:
+    by = {(r["model"], r["layer"], r["variant"]): r for r in record["results"]}
+    rows = [
+        overhead_row(key, ratio, by, goal) for key, ratio in record["ratios"].items()
+    ]
+    header = ["model", "layer", "on", "frozen", "no update", "without"]
+    header += ["on ÷ frozen", goal.text(), "A/A: frozen′ ÷ frozen"]
+    header += ["on ÷ no update", "on ÷ without"]
+    return [
+        *heading(backend, record),
+        f"Step: {record.get('step', '?')}; batch {record.get('batch')}, "
+        f"MLP width {record.get('mlp_width')}, "
+        f"{record.get('rounds')} rounds × {record.get('steps_per_round')} "
+        "step(s) per variant. Times: median step, ms. Ratios: median of the "
+        "per-round ratios (their quartiles in brackets). The A/A column "
+        "compares two separately built frozen models, the same program: "
+        "its distance from 1 is the noise of this machine.",
+        "",
+        *table(header, rows),
+        "",
+    ]
 
 
-def center_loss(records, plots):
-    lines, headline = [], {}
-    for backend, record in records.items():
-        summary = record["summary"]
-        growth_goal = summary.get("goal_ours_largest_over_smallest", 1.5)
-        speed_goal = summary.get("goal_dense_over_ours_at_largest", 10.0)
-        ratios = summary.get("ratios", {})
-        growth = ratios.get("ours_largest_over_smallest")
-        speedup = ratios.get("dense_over_ours_at_largest")
-        growth = growth or summary["ours_largest_over_smallest"]
-        speedup = speedup or summary["dense_over_ours_at_largest"]
-        growth_value = growth["median"] if isinstance(growth, dict) else growth
-        speed_value = speedup["median"] if isinstance(speedup, dict) else speedup
-        sizes = sorted({r["num_classes"] for r in record["results"]})
-        lines += scaling_section(backend, record, "num_classes", "K")
-        lines += [
-            "",
-            f"- ours at K = {sizes[-1]:,} ÷ at K = {sizes[0]:,}: "
-            f"{times(growth)} (goal ≤ {growth_goal}: "
-            f"{verdict(growth_value <= growth_goal)})",
-            f"- dense one-hot rule ÷ ours at K = {sizes[-1]:,}: {times(speedup, 1)} "
-            f"(goal ≥ {speed_goal}: {verdict(speed_value >= speed_goal)})",
-        ]
-        if "torch_plain_over_ours_at_largest" in summary:
-            plain = ratios.get(
-                "torch_plain_over_ours_at_largest",
-                summary["torch_plain_over_ours_at_largest"],
-            )
-            small = ratios.get("torch_plain_over_ours_at_smallest")
-            lines.append(
-                f"- plain PyTorch (KaiyangZhou style) ÷ ours at K = {sizes[-1]:,}: "
-                f"{times(plain, 1)}"
-                + (f"; at K = {sizes[0]:,}: {times(small)}" if small else "")
-            )
-        lines.append("")
-        headline[backend] = (
-            growth_value,
+def overhead_row(key: str, ratio: dict, by: dict, goal: Goal) -> list[str]:
+    """One layer in one model: its step times, then its ratios."""
+    model, layer = key.split("/")
+    variants = ("on", "frozen", "no_update", "without")
+    return [
+        model.upper(),
+        layer,
+        *(ms(by[model, layer, v]["median_s"]) for v in variants),
+        times(ratio["on_over_frozen"], 3),
+        verdict(goal.met(ratio["on_over_frozen"]["median"])),
+        times(ratio.get("frozen_copy_over_frozen"), 3),
+        times(ratio["on_over_no_update"]),
+        times(ratio["on_over_without"]),
+    ]
+
+
+def overhead_headline(record: dict, goal: Goal) -> Headline:
+    """The layer and model with the largest on ÷ frozen, and its A/A control."""
+    ratios = record["ratios"]
+    key = max(ratios, key=lambda k: ratios[k]["on_over_frozen"]["median"])
+    worst = ratios[key]["on_over_frozen"]["median"]
+    control = ratios[key].get("frozen_copy_over_frozen")
+    noise = control["median"] if control else float("nan")
+    return Headline(
+        "update on ÷ frozen, worst layer and model",
+        f"{worst:.3f} ({key}; A/A {noise:.3f})",
+        worst,
+        goal,
+    )
+
+
+def center_loss(backend: str, record: dict) -> Section:
+    """Question 2: growth of our step with K, and the dense rule against ours."""
+    ratios = record["summary"]["ratios"]
+    growth = ratios["ours_largest_over_smallest"]
+    speedup = ratios["dense_over_ours_at_largest"]
+    growth_goal = Goal.of(record, "ours_largest_over_smallest")
+    speed_goal = Goal.of(record, "dense_over_ours_at_largest")
+    small, large = _ends(record, "num_classes")
+    lines = [
+        *scaling_section(backend, record, "num_classes", "K"),
+        "",
+        goal_line(f"ours at K = {large} ÷ at K = {small}", growth, growth_goal),
+        goal_line(f"dense one-hot rule ÷ ours at K = {large}", speedup, speed_goal, 1),
+        *plain_torch_line(ratios, small, large),
+        "",
+    ]
+    return lines, [
+        Headline.ratio(
+            "CenterLoss step: ours at 100k ÷ at 10 classes",
+            growth["median"],
+            f"{large} ÷ {small}",
             growth_goal,
-            speed_value,
+        ),
+        Headline.ratio(
+            "CenterLoss: dense one-hot rule ÷ ours at 100k",
+            speedup["median"],
+            f"K = {large}",
             speed_goal,
-            f"{sizes[-1]:,} ÷ {sizes[0]:,}",
-        )
-    if records:
-        scaling_plot(
-            records,
-            plots,
-            "center_loss_scaling",
-            "num_classes",
-            "classes K",
-            "CenterLoss step",
-        )
-        lines += ["![CenterLoss scaling](plots/center_loss_scaling.png)", ""]
-    return lines, headline
+            digits=1,
+        ),
+    ]
 
 
-def memory_queue(records, plots):
-    lines, headline = [], {}
-    for backend, record in records.items():
-        summary = record["summary"]
-        goal = summary.get("goal_ours_largest_over_smallest", 1.3)
-        ratios = summary.get("ratios", {})
-        growth = (
-            ratios.get("ours_largest_over_smallest")
-            or summary["ours_largest_over_smallest"]
-        )
-        value = growth["median"] if isinstance(growth, dict) else growth
-        sizes = sorted({r["size"] for r in record["results"]})
-        lines += scaling_section(backend, record, "size", "queue size")
-        read = ratios.get("ours_read_largest_over_smallest")
-        whole = ratios.get("whole_largest_over_smallest")
-        whole_over = ratios.get("whole_over_ours_at_largest")
-        lines += [
-            "",
-            f"- MemoryQueue at {sizes[-1]:,} ÷ at {sizes[0]:,}: {times(growth)} "
-            f"(goal ≤ {goal}: {verdict(value <= goal)})",
-            f"- the same growth with the returned queue read: {times(read)}; "
-            f"whole-queue rewrite: {times(whole, 1)}",
-            f"- whole-queue rewrite ÷ MemoryQueue at {sizes[-1]:,}: "
-            f"{times(whole_over, 1)}",
-            "",
-        ]
-        headline[backend] = (value, goal, f"{sizes[-1]:,} ÷ {sizes[0]:,}")
-    if records:
-        scaling_plot(
-            records,
-            plots,
-            "memory_queue_scaling",
-            "size",
-            "queue size",
-            "enqueue step",
-        )
-        lines += ["![MemoryQueue scaling](plots/memory_queue_scaling.png)", ""]
-    return lines, headline
+def plain_torch_line(ratios: dict, small: str, large: str) -> list[str]:
+    """The KaiyangZhou-style plain PyTorch rule against ours (PyTorch only)."""
+    plain = ratios.get("torch_plain_over_ours_at_largest")
+    if plain is None:
+        return []
+    return [
+        f"- plain PyTorch (KaiyangZhou style) ÷ ours at K = {large}: "
+        f"{times(plain, 1)}; at K = {small}: "
+        f"{times(ratios['torch_plain_over_ours_at_smallest'])}"
+    ]
 
 
-def vector_quantizer(records, plots):
-    lines, headline = [], {}
-    goal = 0.5
-    for backend, record in records.items():
-        variants = list(dict.fromkeys(r["variant"] for r in record["results"]))
-        sizes = sorted({r["num_embeddings"] for r in record["results"]})
-        by = {(r["variant"], r["num_embeddings"]): r for r in record["results"]}
-        rows = []
-        for k in sizes:
-            row = [f"{k:,}"]
-            row += [spread(by[v, k]) if (v, k) in by else "–" for v in variants]
-            row += [
-                f"{by[v, k]['peak_memory_bytes'] / 2**20:.1f}" if (v, k) in by else "–"
-                for v in variants
+def memory_queue(backend: str, record: dict) -> Section:
+    """Question 3: growth of the enqueue step with the queue size."""
+    ratios = record["summary"]["ratios"]
+    growth = ratios["ours_largest_over_smallest"]
+    goal = Goal.of(record, "ours_largest_over_smallest")
+    small, large = _ends(record, "size")
+    lines = [
+        *scaling_section(backend, record, "size", "queue size"),
+        "",
+        goal_line(f"MemoryQueue at {large} ÷ at {small}", growth, goal),
+        "- the same growth with the returned queue read: "
+        f"{times(ratios['ours_read_largest_over_smallest'])}; whole-queue "
+        f"rewrite: {times(ratios['whole_largest_over_smallest'], 1)}",
+        f"- whole-queue rewrite ÷ MemoryQueue at {large}: "
+        f"{times(ratios['whole_over_ours_at_largest'], 1)}",
+        "",
+    ]
+    head = Headline.ratio(
+        "MemoryQueue: enqueue step at 65k ÷ at 1k",
+        growth["median"],
+        f"{large} ÷ {small}",
+        goal,
+    )
+    return lines, [head]
+
+
+def vector_quantizer(backend: str, record: dict) -> Section:
+    """Question 4: time and peak memory against one-hot, per number of codes."""
+    goal = Goal.of(record, "peak_memory_ours_over_one_hot")
+    _, large = _ends(record, "num_embeddings")
+    largest = sizes_of(record, "num_embeddings")[-1]
+    peak = record["ratios"][str(largest)]["peak_memory_ours_over_one_hot"]
+    lines = [
+        *vector_quantizer_table(backend, record),
+        "",
+        f"- peak memory ours ÷ one-hot at K = {large}: {peak:.2f}× "
+        f"({goal.check(peak)})",
+        "",
+    ]
+    head = Headline.ratio(
+        "VectorQuantizerEMA: peak memory ÷ one-hot at 16,384 codes",
+        peak,
+        f"K = {large}",
+        goal,
+    )
+    return lines, [head]
+
+
+def vector_quantizer_table(backend: str, record: dict) -> list[str]:
+    """Per K: each variant's step time and peak memory, then ours ÷ one-hot."""
+    variants = list(dict.fromkeys(r["variant"] for r in record["results"]))
+    by = {(r["variant"], r["num_embeddings"]): r for r in record["results"]}
+    rows = []
+    for k in sizes_of(record, "num_embeddings"):
+        ratio = record["ratios"][str(k)]
+        rows.append(
+            [
+                f"{k:,}",
+                *(spread(by[v, k]) if (v, k) in by else "–" for v in variants),
+                *(
+                    f"{by[v, k]['peak_memory_bytes'] / 2**20:.1f}"
+                    if (v, k) in by
+                    else "–"
+                    for v in variants
+                ),
+                times(ratio["time_ours_over_one_hot"]),
+                times(ratio["peak_memory_ours_over_one_hot"]),
             ]
-            ratio = record.get("ratios", {}).get(str(k), {})
-            row.append(times(ratio.get("time_ours_over_one_hot")))
-            row.append(times(ratio.get("peak_memory_ours_over_one_hot")))
-            rows.append(row)
-        lines += [f"### {NAMES[backend]}", "", machine(record), ""]
-        lines += [
-            f"Step: {record.get('step', '?')}; D = {record.get('D')}, "
-            f"N = {record.get('N')}. Peak memory: {record.get('memory_method')}.",
-            "",
+        )
+    header = ["K", *(f"{v} ms" for v in variants), *(f"{v} MiB" for v in variants)]
+    header += ["time ours ÷ one-hot", "peak ours ÷ one-hot"]
+    return [
+        *heading(backend, record),
+        f"Step: {record.get('step', '?')}; D = {record.get('D')}, "
+        f"N = {record.get('N')}. Peak memory: {record.get('memory_method')}.",
+        "",
+        *table(header, rows),
+    ]
+
+
+def native(backend: str, record: dict) -> Section:
+    """Question 5: against Keras's BatchNormalization and native code."""
+    return native_tables(backend, record), native_headlines(record["ratios"])
+
+
+def native_tables(backend: str, record: dict) -> list[str]:
+    """The training step, then the update alone: times, then ratios."""
+    lines = [
+        *heading(backend, record),
+        f"{record.get('step', '?')}; batch {record.get('batch')}, width "
+        f"{record.get('width')}. Time in ms, median (min–max); ratios: median "
+        "of the per-round ratios (their quartiles in brackets).",
+        "",
+    ]
+    for part, title in (("step", "Training step"), ("update", "The update alone")):
+        rows = [
+            [r["variant"], spread(r)] for r in record["results"] if r["part"] == part
         ]
+        lines += [f"{title}:", "", *table(["variant", "ms"], rows), ""]
         lines += table(
-            ["K"]
-            + [f"{v} ms" for v in variants]
-            + [f"{v} MiB" for v in variants]
-            + ["time ours ÷ one-hot", "peak ours ÷ one-hot"],
-            rows,
+            ["ratio", "value"],
+            [
+                [key.replace("_over_", " ÷ "), times(ratio)]
+                for key, ratio in record["ratios"][part].items()
+            ],
         )
-        largest = str(sizes[-1])
-        peak = (
-            record.get("ratios", {})
-            .get(largest, {})
-            .get("peak_memory_ours_over_one_hot")
-        )
-        if peak is not None:
-            lines += [
-                "",
-                f"- peak memory ours ÷ one-hot at K = {sizes[-1]:,}: {peak:.2f}× "
-                f"(goal ≤ {goal}: {verdict(peak <= goal)})",
-            ]
-            headline[backend] = (peak, goal, sizes[-1])
         lines.append("")
-    if records:
-        fig, axes = figure(len(records), nrows=2)
-        for col, (backend, record) in enumerate(records.items()):
-            variants = dict.fromkeys(r["variant"] for r in record["results"])
-            for variant in variants:
-                rows = sorted(
-                    (r for r in record["results"] if r["variant"] == variant),
-                    key=lambda r: r["num_embeddings"],
-                )
-                x = [r["num_embeddings"] for r in rows]
-                axes[0][col].plot(
-                    x, [1e3 * r["median_s"] for r in rows], marker="o", label=variant
-                )
-                axes[1][col].plot(
-                    x,
-                    [r["peak_memory_bytes"] / 2**20 for r in rows],
-                    marker="o",
-                    label=variant,
-                )
-            for row, label in enumerate(["step time, ms", "peak memory, MiB"]):
-                ax = axes[row][col]
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_xlabel("codes K")
-                ax.set_ylabel(label)
-                ax.set_title(f"{NAMES[backend]}: {label.split(',')[0]}")
-                ax.legend(fontsize=7)
-        save(fig, plots / "vector_quantizer_scaling.png")
-        lines += [
-            "![VectorQuantizerEMA scaling](plots/vector_quantizer_scaling.png)",
-            "",
-        ]
-    return lines, headline
+    return lines
 
 
-def native(records, plots):
-    lines, headline = [], {}
-    for backend, record in records.items():
-        lines += [f"### {NAMES[backend]}", "", machine(record), ""]
-        lines += [
-            f"{record.get('step', '?')}; batch {record.get('batch')}, width "
-            f"{record.get('width')}. Time in ms, median (min–max); ratios: median "
-            "of the per-round ratios (their quartiles in brackets).",
-            "",
-        ]
-        for part, title in (("step", "Training step"), ("update", "The update alone")):
-            rows = [
-                [r["variant"], spread(r)]
-                for r in record["results"]
-                if r["part"] == part
-            ]
-            lines += [f"{title}:", ""]
-            lines += table(["variant", "ms"], rows)
-            lines += ["", "| ratio | value |", "|---|---|"]
-            for key, ratio in record["ratios"][part].items():
-                lines.append(f"| {key.replace('_over_', ' ÷ ')} | {times(ratio)} |")
-            lines.append("")
-        headline[backend] = record["ratios"]
-    if records:
-        fig, axes = figure(len(records), nrows=2)
-        for col, (backend, record) in enumerate(records.items()):
-            for row, part in enumerate(["step", "update"]):
-                ax = axes[row][col]
-                rows = [r for r in record["results"] if r["part"] == part]
-                ax.bar(
-                    range(len(rows)),
-                    [1e3 * r["median_s"] for r in rows],
-                    yerr=[
-                        [1e3 * (r["median_s"] - _quartiles(r)[0]) for r in rows],
-                        [1e3 * (_quartiles(r)[1] - r["median_s"]) for r in rows],
-                    ],
-                    color=[
-                        "tab:green" if "moving_moments" in r["variant"] else "tab:gray"
-                        for r in rows
-                    ],
-                    capsize=2,
-                )
-                ax.set_xticks(
-                    range(len(rows)),
-                    [r["variant"] for r in rows],
-                    rotation=35,
-                    ha="right",
-                    fontsize=7,
-                )
-                ax.set_ylabel("ms (median; quartiles of rounds)")
-                ax.set_title(
-                    f"{NAMES[backend]}: "
-                    + ("training step" if part == "step" else "update alone")
-                )
-        save(fig, plots / "native_comparison.png")
-        lines += ["![native comparison](plots/native_comparison.png)", ""]
-    return lines, headline
+def native_headlines(ratios: dict) -> list[Headline]:
+    step, update = ratios["step"], ratios["update"]
+    return [
+        Headline(
+            "Keras step: MovingMoments ÷ BatchNormalization",
+            times(step["keras_moving_moments_over_keras_batch_norm"]),
+        ),
+        Headline(
+            "update alone: MovingMoments ÷ native (JAX: `jax.jit` EMA; "
+            "TensorFlow: `tf.function` EMA; PyTorch: `BatchNorm1d`)",
+            times(
+                update.get("moving_moments_over_torch_batch_norm")
+                or update["moving_moments_over_native_ema"]
+            ),
+        ),
+        Headline(
+            "step: Keras + MovingMoments ÷ native network + EMA",
+            times(step["keras_moving_moments_over_native_ema"]),
+        ),
+    ]
 
 
 # -------------------------------------------------------------- the report
 
+# benchmark: (its section on one backend, the alt text of its plot)
+SECTIONS = {
+    "update_overhead": (update_overhead, "update overhead"),
+    "center_loss_scaling": (center_loss, "CenterLoss scaling"),
+    "memory_queue_scaling": (memory_queue, "MemoryQueue scaling"),
+    "vector_quantizer_scaling": (vector_quantizer, "VectorQuantizerEMA scaling"),
+    "native_comparison": (native, "native comparison"),
+}
 
-def headline_rows(heads):
-    """The headline table: one row per goal or figure, one column per backend."""
 
-    def cell(backend, key, render):
-        value = heads.get(key, {}).get(backend)
-        return render(value) if value is not None else "not run"
+def benchmark_section(benchmark: str, records: dict, plots: pathlib.Path):
+    """(a benchmark's section on every backend and its plot, its headlines)."""
+    section, alt = SECTIONS[benchmark]
+    lines, heads = [], {}
+    for backend, record in records.items():
+        more, heads[backend] = section(backend, record)
+        lines += more
+    path = report_plots.draw(benchmark, records, plots)
+    lines += [f"![{alt}](plots/{path.name})", ""]
+    return lines, heads
 
-    rows = [
-        [
-            "1",
-            "update on ÷ frozen, worst layer and model",
-            "≤ 1.05",
-            *(
-                cell(
-                    b,
-                    "update_overhead",
-                    lambda v: (
-                        f"{v[0][1]:.3f} ({v[0][0]}; A/A "
-                        f"{v[0][2]['median'] if v[0][2] else float('nan'):.3f}): "
-                        f"{verdict(v[0][1] <= v[1])}"
-                    ),
-                )
-                for b in BACKENDS
-            ),
-        ],
-        [
-            "2",
-            "CenterLoss step: ours at 100k ÷ at 10 classes",
-            "≤ 1.5",
-            *(
-                cell(
-                    b,
-                    "center_loss_scaling",
-                    lambda v: f"{v[0]:.2f}× ({v[4]}): {verdict(v[0] <= v[1])}",
-                )
-                for b in BACKENDS
-            ),
-        ],
-        [
-            "2",
-            "CenterLoss: dense one-hot rule ÷ ours at 100k",
-            "≥ 10",
-            *(
-                cell(
-                    b,
-                    "center_loss_scaling",
-                    lambda v: (
-                        f"{v[2]:.1f}× (K = {v[4].split()[0]}): {verdict(v[2] >= v[3])}"
-                    ),
-                )
-                for b in BACKENDS
-            ),
-        ],
-        [
-            "3",
-            "MemoryQueue: enqueue step at 65k ÷ at 1k",
-            "≤ 1.3",
-            *(
-                cell(
-                    b,
-                    "memory_queue_scaling",
-                    lambda v: f"{v[0]:.2f}× ({v[2]}): {verdict(v[0] <= v[1])}",
-                )
-                for b in BACKENDS
-            ),
-        ],
-        [
-            "4",
-            "VectorQuantizerEMA: peak memory ÷ one-hot at 16,384 codes",
-            "≤ 0.5",
-            *(
-                cell(
-                    b,
-                    "vector_quantizer_scaling",
-                    lambda v: f"{v[0]:.2f}× (K = {v[2]:,}): {verdict(v[0] <= v[1])}",
-                )
-                for b in BACKENDS
-            ),
-        ],
-        [
-            "5",
-            "Keras step: MovingMoments ÷ BatchNormalization",
-            "–",
-            *(
-                cell(
-                    b,
-                    "native_comparison",
-                    lambda v: times(
-                        v["step"]["keras_moving_moments_over_keras_batch_norm"]
-                    ),
-                )
-                for b in BACKENDS
-            ),
-        ],
-        [
-            "5",
-            "update alone: MovingMoments ÷ native (JAX: `jax.jit` EMA; "
-            "TensorFlow: `tf.function` EMA; PyTorch: `BatchNorm1d`)",
-            "–",
-            *(
-                cell(
-                    b,
-                    "native_comparison",
-                    lambda v: times(
-                        v["update"].get("moving_moments_over_torch_batch_norm")
-                        or v["update"]["moving_moments_over_native_ema"]
-                    ),
-                )
-                for b in BACKENDS
-            ),
-        ],
-        [
-            "5",
-            "step: Keras + MovingMoments ÷ native network + EMA",
-            "–",
-            *(
-                cell(
-                    b,
-                    "native_comparison",
-                    lambda v: times(v["step"]["keras_moving_moments_over_native_ema"]),
-                )
-                for b in BACKENDS
-            ),
-        ],
-    ]
+
+def headline_rows(heads: dict[str, Headlines]) -> list[list[str]]:
+    """The headline table: a row per figure (its goal from the first backend
+    that has it), a column per backend, `not run` where a backend has none."""
+    rows = []
+    for benchmark, by_backend in heads.items():
+        question = BENCHMARKS[benchmark].split(".")[0]
+        firsts: dict[str, Headline] = {}
+        for backend in BACKENDS:
+            for head in by_backend.get(backend, []):
+                firsts.setdefault(head.label, head)
+        cells = {(b, h.label): h.cell() for b, hs in by_backend.items() for h in hs}
+        for label, first in firsts.items():
+            goal = first.goal.text("g") if first.goal else "–"
+            row = [question, label, goal]
+            rows.append(row + [cells.get((b, label), "not run") for b in BACKENDS])
     return rows
 
 
-def write_report(results: pathlib.Path, report: pathlib.Path) -> pathlib.Path:
-    records = load(results)
-    plots = report.parent / "plots"
-    writers = {
-        "update_overhead": update_overhead,
-        "center_loss_scaling": center_loss,
-        "memory_queue_scaling": memory_queue,
-        "vector_quantizer_scaling": vector_quantizer,
-        "native_comparison": native,
-    }
-    sections, heads = [], {}
+def sections(records, results: pathlib.Path, plots: pathlib.Path):
+    """(the sections' lines, {benchmark: its headline figures})."""
+    lines, heads = [], {}
     for benchmark, title in BENCHMARKS.items():
-        found = {
-            b: records[benchmark][b]
-            for b in BACKENDS
-            if b in records.get(benchmark, {})
-        }
-        sections += [f"## {title}", ""]
+        group = records.get(benchmark, {})
+        found = {b: group[b] for b in BACKENDS if b in group}
+        lines += [f"## {title}", ""]
         if not found:
-            sections += [f"_No results for `{benchmark}` in {results}._", ""]
+            lines += [f"_No results for `{benchmark}` in {results}._", ""]
             continue
         missing = [NAMES[b] for b in BACKENDS if b not in found]
         if missing:
-            sections += [f"_Not run on {', '.join(missing)}._", ""]
-        lines, heads[benchmark] = writers[benchmark](found, plots)
-        sections += lines
+            lines += [f"_Not run on {', '.join(missing)}._", ""]
+        section, heads[benchmark] = benchmark_section(benchmark, found, plots)
+        lines += section
         notes = HERE / "notes" / f"{benchmark}.md"
         if notes.exists():
-            sections += ["#### Analysis", "", notes.read_text().strip(), ""]
-    quick = any(r.get("quick") for group in records.values() for r in group.values())
-    intro = [
+            lines += ["#### Analysis", "", notes.read_text().strip(), ""]
+    return lines, heads
+
+
+def intro(results: pathlib.Path, report: pathlib.Path, quick: bool) -> list[str]:
+    lines = [
         "# Benchmark report",
         "",
         "_Generated by `benchmarks/make_report.py` from the JSON in "
@@ -752,18 +571,26 @@ def write_report(results: pathlib.Path, report: pathlib.Path) -> pathlib.Path:
         "",
     ]
     if quick:
-        intro += [
+        lines += [
             "**Some results below come from `--quick` runs (tiny sizes, few "
             "steps): they show that the scripts run, not how fast anything is.**",
             "",
         ]
-    intro += ["## Headline", ""]
-    intro += table(
+    return lines
+
+
+def write_report(results: pathlib.Path, report: pathlib.Path) -> pathlib.Path:
+    records = load(results)
+    plots = report.parent / "plots"
+    body, heads = sections(records, results, plots)
+    quick = any(r.get("quick") for group in records.values() for r in group.values())
+    head = [*intro(results, report, quick), "## Headline", ""]
+    head += table(
         ["Q", "figure", "goal", *(NAMES[b] for b in BACKENDS)], headline_rows(heads)
     )
-    intro.append("")
+    head.append("")
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(intro + sections).rstrip() + "\n")
+    report.write_text("\n".join(head + body).rstrip() + "\n")
     print(f"written: {report} and {plots}/*.png")
     return report
 

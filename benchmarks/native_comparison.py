@@ -421,6 +421,7 @@ def main(argv=None):
         }[backend],
         "steps_per_round": steps,
         "rounds": rounds,
+        "goals": {},  # figures beside native code, no goal
         "results": [
             {"part": part, "variant": name, **summary}
             for part, timed in (("step", step), ("update", update))

@@ -235,7 +235,7 @@ def main(argv=None):
         "memory_queue_size": 256 if args.quick else 4096,
         "steps_per_round": steps,
         "rounds": rounds,
-        "goal": {"on_over_frozen_max": GOAL_ON_OVER_FROZEN},
+        "goals": {"on_over_frozen": {"max": GOAL_ON_OVER_FROZEN}},
         "results": results,
         "ratios": ratios,
     }
