@@ -39,8 +39,8 @@ class VectorQuantizerEMA(StatefulLayer):
     starting at zeros):
 
     - `counter = counter + 1` (int32, stops at 2**31 - 1)
-    - `ema_cluster_size_hidden = ema_cluster_size_hidden
-      - (ema_cluster_size_hidden - n_k) * (1 - g)`, with `n_k = #{i: z_i = k}`
+    - `ema_cluster_size_hidden = ema_cluster_size_hidden -
+      (ema_cluster_size_hidden - n_k) * (1 - g)`, with `n_k = #{i: z_i = k}`
     - `ema_dw_hidden = ema_dw_hidden - (ema_dw_hidden - s_k) * (1 - g)`, with
       `s_k = sum_{i: z_i = k} x_i`
     - `ema_cluster_size = ema_cluster_size_hidden / (1 - g**counter)`, and
