@@ -3,6 +3,7 @@
 python3 -m nox -s tests      # the whole matrix (what CI runs)
 python3 -m nox -s demo       # the main job, on JAX
 python3 -m nox -s bench      # the benchmarks on every backend, then the report
+python3 -m nox -s docs       # the documentation site, into site/
 """
 
 from __future__ import annotations
@@ -53,6 +54,26 @@ def demo(session: nox.Session) -> None:
     if backend != "jax":
         session.install("-e", f".[{backend}]")
     run_on(session, backend, "python", "examples/center_loss_digits.py")
+
+
+# mkdocs-material prints a notice about MkDocs 2 on every build (its end of life
+# is May 2027; Zensical, its successor, reads the same mkdocs.yml).
+QUIET_MKDOCS = {"NO_MKDOCS_2_WARNING": "1"}
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (guides + API reference) into site/, warnings fatal.
+
+    The API pages are read from the source (griffe, static): neither the package
+    nor a Keras backend is installed. `-- serve` previews it instead.
+    """
+    pyproject = nox.project.load_toml("pyproject.toml")
+    session.install(*pyproject["project"]["optional-dependencies"]["docs"])
+    if session.posargs[:1] == ["serve"]:
+        session.run("mkdocs", "serve", *session.posargs[1:], env=QUIET_MKDOCS)
+    else:
+        session.run("mkdocs", "build", "--strict", *session.posargs, env=QUIET_MKDOCS)
 
 
 BENCH_SCRIPTS = [

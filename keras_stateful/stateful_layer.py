@@ -70,6 +70,11 @@ class StatefulLayer(keras.layers.Layer):
             new_mean = 0.9 * self.mean + 0.1 * batch_mean
             self.commit_state((self.mean, new_mean), training=training)
             return inputs
+
+
+    layer = BatchMean()
+    layer(np.ones((4, 3)), training=True)
+    layer.mean  # [0.1, 0.1, 0.1]
     ```
     """
 
@@ -272,12 +277,24 @@ class StatefulLayer(keras.layers.Layer):
         Example:
 
         ```python
-        def call(self, inputs, training=None):
-            if self.may_update(training):  # inference: no reductions at all
-                total = _backend.cross_replica_sum(ops.sum(inputs, axis=0))
-                count = _backend.cross_replica_sum(ops.shape(inputs)[0] * 1.0)
-                self.commit_state((self.mean, total / count), training=training)
-            return inputs
+        from keras_stateful import _backend  # the cross-replica helpers
+
+
+        class ReplicaMean(keras_stateful.StatefulLayer):
+            def build(self, input_shape):
+                self.mean = self.add_state("mean", (input_shape[-1],))
+
+            def call(self, inputs, training=None):
+                if self.may_update(training):  # inference: no reductions at all
+                    total = _backend.cross_replica_sum(ops.sum(inputs, axis=0))
+                    count = _backend.cross_replica_sum(ops.shape(inputs)[0] * 1.0)
+                    self.commit_state((self.mean, total / count), training=training)
+                return inputs
+
+
+        layer = ReplicaMean()
+        layer(np.ones((4, 3)))  # not training: nothing computed, nothing reduced
+        layer(np.ones((4, 3)), training=True)  # layer.mean: [1., 1., 1.]
         ```
         """
         if training is None:
@@ -467,7 +484,23 @@ def next_count(counter: keras.Variable, step: Any = 1) -> Tensor:
 
 
 def find_stateful_layers(model: keras.layers.Layer) -> list[StatefulLayer]:
-    """Every `StatefulLayer` in `model` (itself included), nested ones too."""
+    """Every `StatefulLayer` in `model` (itself included), nested ones too.
+
+    Args:
+        model: A Keras model or layer.
+
+    Returns:
+        The stateful layers, `model` first if it is one, then in the order
+        Keras lists nested layers.
+
+    Example:
+
+    ```python
+    average = keras_stateful.layers.MovingAverage()
+    model = keras.Sequential([keras.Input((4,)), average, keras.layers.Dense(1)])
+    keras_stateful.find_stateful_layers(model)  # [average]
+    ```
+    """
     layers = [model, *model._flatten_layers(include_self=False)]
     return [layer for layer in layers if isinstance(layer, StatefulLayer)]
 

@@ -61,9 +61,10 @@ class CenterLoss(StatefulLayer):
     Example:
 
     ```python
+    hidden, labels = keras.Input((16,)), keras.Input((), dtype="int32")
     features = keras.layers.Dense(2)(hidden)
     features = keras_stateful.layers.CenterLoss(10, alpha=0.5, loss_weight=0.1)(
-        [features, labels]  # labels: keras.Input((), dtype="int32")
+        [features, labels]
     )
     ```
 

@@ -83,6 +83,8 @@ class MemoryQueue(StatefulLayer):
 
     ```python
     # q: queries (B, D); k: keys from the momentum encoder (B, D), both normalised.
+    q = ops.normalize(keras.random.normal((32, 128)))
+    k = ops.normalize(keras.random.normal((32, 128)))
     negatives, valid = keras_stateful.layers.MemoryQueue(65536, return_mask=True)(k)
     l_pos = ops.sum(q * k, axis=-1, keepdims=True)
     l_neg = ops.where(valid, ops.matmul(q, ops.transpose(negatives)), -1e4)

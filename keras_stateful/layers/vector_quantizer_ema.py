@@ -39,8 +39,8 @@ class VectorQuantizerEMA(StatefulLayer):
     starting at zeros):
 
     - `counter = counter + 1` (int32, stops at 2**31 - 1)
-    - `ema_cluster_size_hidden = ema_cluster_size_hidden
-      - (ema_cluster_size_hidden - n_k) * (1 - g)`, with `n_k = #{i: z_i = k}`
+    - `ema_cluster_size_hidden = ema_cluster_size_hidden -
+      (ema_cluster_size_hidden - n_k) * (1 - g)`, with `n_k = #{i: z_i = k}`
     - `ema_dw_hidden = ema_dw_hidden - (ema_dw_hidden - s_k) * (1 - g)`, with
       `s_k = sum_{i: z_i = k} x_i`
     - `ema_cluster_size = ema_cluster_size_hidden / (1 - g**counter)`, and
@@ -118,11 +118,16 @@ class VectorQuantizerEMA(StatefulLayer):
     Example:
 
     ```python
-    z = encoder(images)  # (B, H, W, 64)
+    images = keras.Input((8, 8, 3))
+    z = keras.layers.Conv2D(64, 3, padding="same")(images)  # encoder: (B, H, W, 64)
     vq = keras_stateful.layers.VectorQuantizerEMA(512, 64, seed=0, name="vq")
+    decoder = keras.layers.Conv2D(3, 3, padding="same")
     reconstruction = decoder(vq(z))  # the commitment loss joins the model loss
-    model.fit(images, images, callbacks=[keras_stateful.LogLayerValues()])
-    # logs: vq_perplexity, vq_usage, vq_commitment_loss
+    model = keras.Model(images, reconstruction)
+    model.compile("adam", "mse")
+    data = np.random.rand(64, 8, 8, 3)
+    history = model.fit(data, data, callbacks=[keras_stateful.LogLayerValues()])
+    # history.history: loss, vq_perplexity, vq_usage, vq_commitment_loss
     ```
 
     Reference:
