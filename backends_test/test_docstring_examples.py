@@ -236,7 +236,30 @@ def check_vector_quantizer(ns):
     assert int(value_of(ns["vq"].counter)) == 2  # 64 samples, batches of 32
 
 
+def check_logged_center_loss(ns):
+    # Four samples at distance 1/2 * |(1, 1) - 0|^2 = 1 from zero centers.
+    layer = ns.get("layer")
+    values = layer.logged_values() if layer else eval(
+        "keras_stateful.read_logged_values(model)", ns
+    )
+    assert values == {"center_loss": 1.0}
+
+
+def check_state_snapshot(ns):
+    np.testing.assert_allclose(
+        eval("state_snapshot(layer)", ns)["average"], [0.1] * 3, rtol=1e-5
+    )
+
+
+def check_variables_snapshot(ns):
+    assert ns["before"] and ns["before"].keys() == ns["after"].keys()
+
+
 CHECKS = {
+    "keras_stateful.evaluation_logging": check_logged_center_loss,
+    "keras_stateful.read_logged_values": check_logged_center_loss,
+    "keras_stateful.testing.state_snapshot": check_state_snapshot,
+    "keras_stateful.testing.variables_snapshot": check_variables_snapshot,
     "keras_stateful.StatefulLayer": check_batch_mean,
     "keras_stateful.StatefulLayer.may_update": check_may_update,
     "keras_stateful.find_stateful_layers": check_find_stateful_layers,

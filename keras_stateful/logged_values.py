@@ -99,7 +99,7 @@ def evaluation_logging(*, all_replicas: bool = False) -> Iterator[None]:
     x, y = np.ones((4, 2), "float32"), np.array([0, 1, 2, 0])
     with keras_stateful.evaluation_logging():
         layer([x, y], training=False)
-    layer.logged_values()  # {'center_loss': 0.5}
+    layer.logged_values()  # {'center_loss': 1.0}
     ```
     """
     _EVALUATING.enter(all_replicas)
@@ -218,7 +218,7 @@ class LoggedValues:
 def means(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
     """`total / count` by name; NaN where nothing was recorded."""
     return {
-        name: total / count if count else float("nan")
+        name: float(total) / float(count) if count else float("nan")
         for name, (total, count) in sums.items()
     }
 
@@ -296,7 +296,7 @@ def read_logged_values(model: keras.layers.Layer) -> dict[str, float]:
     )
     model = keras.Model([inputs, labels], outputs)
     model([np.ones((4, 2), "float32"), np.array([0, 1, 2, 0])], training=True)
-    keras_stateful.read_logged_values(model)  # {'center_loss': 0.5}
+    keras_stateful.read_logged_values(model)  # {'center_loss': 1.0}
     ```
     """
     return means(read_sums(model, across_processes=True))

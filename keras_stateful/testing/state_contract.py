@@ -559,7 +559,7 @@ def state_snapshot(layer: StatefulLayer) -> Snapshot:
     ```python
     layer = keras_stateful.layers.MovingAverage(0.9)
     layer(np.ones((2, 3), "float32"), training=True)
-    state_snapshot(layer)["average"]  # array([0.1, 0.1, 0.1], dtype=float32)
+    state_snapshot(layer)["average"]  # about [0.1, 0.1, 0.1]
     ```
     """
     return {v.name: np.array(ops.convert_to_numpy(v)) for v in layer.state_variables}
@@ -570,6 +570,17 @@ def variables_snapshot(model: keras.layers.Layer) -> Snapshot:
 
     Weights, state, random seeds and the accumulators of logged values:
     what must stay bit for bit through inference.
+
+    Example:
+
+    ```python
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras_stateful.layers.MovingAverage(0.9)(inputs))
+    before = variables_snapshot(model)
+    model.predict(np.ones((4, 3), "float32"), verbose=0)
+    after = variables_snapshot(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # pure
+    ```
     """
     variables = list(model.variables)
     optimizer = getattr(model, "optimizer", None)
