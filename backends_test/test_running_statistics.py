@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import keras_stateful
 from backends_test.conftest import state_of, value_of
 from keras_stateful.layers import MovingMoments, RunningStandardization
+from keras_stateful.layers._moments import merge_moments
 from keras_stateful.testing import check_state_contract
 
 
@@ -173,6 +174,59 @@ def test_large_offset_keeps_the_variance(rng):
     naive = (data**2).mean(0) - data.mean(0) ** 2  # what float32 E[x²]-E[x]² gives
     assert np.all(np.abs(naive - variance) > 1.0)
     np.testing.assert_allclose(value_of(layer.variance), variance, rtol=1e-5)
+
+
+def numpy_chan_merge(count, mean, variance, batch_count, batch_mean, batch_m2):
+    """Chan et al.'s pairwise merge in float64: `(n', mean', variance')`."""
+    total = count + batch_count
+    delta = batch_mean - mean
+    merged_mean = mean + delta * batch_count / total
+    m2 = count * variance + batch_m2 + delta**2 * count * batch_count / total
+    return total, merged_mean, m2 / total
+
+
+def as_float32_pair(value):
+    """A float64 value as float32 `(high, low)`, high + low close to value."""
+    high = value.astype("float32")
+    return high, (value - high.astype("float64")).astype("float32")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e6])
+@pytest.mark.parametrize("seen", [0, 300])
+def test_merge_moments_matches_a_numpy_chan_merge(offset, seen, rng):
+    """The layer's merge, without a layer: float32 state and batch moments
+    (the batch taken around the stored mean, as the layer does) against the
+    float64 merge and against the moments of all the data."""
+    old = offset + rng.normal(0.0, 1.0, (seen, 3)) * [1.0, 2.0, 0.5]
+    new = offset + 0.3 + rng.normal(0.0, 1.0, (70, 3)) * [1.0, 2.0, 0.5]
+    count = np.full(3, float(seen))
+    mean = old.mean(0) if seen else np.zeros(3)
+    variance = old.var(0) if seen else np.ones(3)
+    mean_high, mean_low = as_float32_pair(mean)
+    # The batch moments as `batch_moments` gives them: around the stored mean,
+    # or, before any data, around the batch mean rounded to float32.
+    shift = mean_high if seen else new.mean(0).astype("float32")
+    offset_of_mean = (new.mean(0) - shift).astype("float32")
+    m2 = ((new - new.mean(0)) ** 2).sum(0)
+
+    state = [count, mean_high, mean_low, variance, np.full(3, 70.0), shift]
+    state += [offset_of_mean, m2]
+    tensors = [keras.ops.convert_to_tensor(np.float32(v), "float32") for v in state]
+    merged = [
+        np.asarray(keras.ops.convert_to_numpy(t)) for t in merge_moments(*tensors)
+    ]
+    total, merged_high, merged_low, merged_variance = merged
+
+    expected = numpy_chan_merge(seen, mean, variance, 70, new.mean(0), m2)
+    everything = np.concatenate([old, new])
+    np.testing.assert_allclose(expected[1:], [everything.mean(0), everything.var(0)])
+    np.testing.assert_array_equal(total, np.full(3, seen + 70.0))
+    merged_mean = merged_high.astype("float64") + merged_low
+    # float32 alone holds a mean near 1e6 to 0.03; the pair to about 1e-6.
+    np.testing.assert_allclose(merged_mean, expected[1], rtol=0, atol=2e-6)
+    np.testing.assert_allclose(merged_variance, expected[2], rtol=2e-6)
+    if offset:
+        assert np.max(np.abs(merged_high - expected[1])) > 1e-3
 
 
 def test_standardises_with_the_batch_in_training_and_stored_in_inference(rng):

@@ -1,4 +1,5 @@
-"""Per-feature batch moments shared by the running-statistics layers."""
+"""Moments shared by the running-statistics layers: batch moments, their
+exact merge into running ones, and the exponential moving average."""
 
 from __future__ import annotations
 
@@ -105,6 +106,69 @@ def batch_moments(
     # base class's non-finite guard skips the update and counts the skip.
     mean_offset = ops.where(count > 0, mean_offset, float("nan"))
     return count, shift, mean_offset, m2
+
+
+def ema(old: keras.Variable, new: Tensor, momentum: float | Tensor) -> Tensor:
+    """`momentum * old + (1 - momentum) * new`, with `momentum` as float32.
+
+    The float32 momentum is the same number a zero-debiasing step raises to
+    a power, so `ema` of a zero-started value divided by `1 - momentum**t`
+    is debiased exactly.
+    """
+    m = ops.convert_to_tensor(momentum, "float32")
+    return m * _backend.read_value(old) + (1.0 - m) * new
+
+
+def merge_moments(
+    count: Tensor,
+    mean: Tensor,
+    mean_correction: Tensor,
+    variance: Tensor,
+    batch_count: Tensor,
+    batch_shift: Tensor,
+    batch_mean_offset: Tensor,
+    batch_m2: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Running moments with a batch merged in, exactly (Chan et al.).
+
+    The running moments are the count `n`, the mean as a float32 pair
+    `mean + mean_correction` (the correction holds what float32 rounds off
+    a large mean) and the biased variance `σ²`; the batch's are as
+    `batch_moments` returns them: `n_B`, the mean as `shift + offset`, and
+    `M2_B`. With `δ = μ_B - μ` and `n' = n + n_B`:
+
+    - `μ' = μ + δ * n_B / n'` (kept as a pair: TwoSum of the large parts,
+      the small parts and the rounding error added separately)
+    - `σ²' = (n * σ² + M2_B + δ² * n * n_B / n') / n'` (never negative)
+
+    When the shift is the stored mean, the large parts of `δ` cancel
+    exactly. All arguments have the same (per-feature) shape; the function
+    has no side effect.
+
+    Returns:
+        `(n', mean', mean_correction', σ²')`.
+
+    Reference:
+        - [Chan, Golub & LeVeque, 1979](https://doi.org/10.1007/978-3-642-51461-6_3)
+    """
+    delta_high = batch_shift - mean
+    delta_low = batch_mean_offset - mean_correction
+    delta = delta_high + delta_low
+    total = count + batch_count
+    weight = batch_count / ops.maximum(total, 1e-30)
+    high, rounded_off = _two_sum(mean, delta_high * weight)
+    low = mean_correction + delta_low * weight + rounded_off
+    new_mean, new_correction = _two_sum(high, low)
+    m2 = count * variance + batch_m2 + ops.square(delta) * count * weight
+    new_variance = ops.maximum(m2 / ops.maximum(total, 1e-30), 0.0)
+    return total, new_mean, new_correction, new_variance
+
+
+def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """`(a + b rounded, what the rounding lost)`, exactly (Knuth's TwoSum)."""
+    total = a + b
+    b_kept = total - a
+    return total, (a - (total - b_kept)) + (b - b_kept)
 
 
 def _values_per_feature(x: Tensor, axes: tuple[int, ...]) -> Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 from keras import ops
 
 from keras_stateful import _backend
+from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -82,11 +83,14 @@ class CenterLoss(StatefulLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if int(num_classes) < 1:
-            raise ValueError(
-                f"CenterLoss: num_classes must be >= 1; received {num_classes!r}."
-            )
-        self.num_classes = int(num_classes)
+        self.num_classes = _checks.integer(
+            num_classes,
+            "num_classes",
+            layer="CenterLoss",
+            example="CenterLoss(10)",
+            minimum=1,
+            meaning="the number of classes K",
+        )
         self.alpha = float(alpha)
         self.loss_weight = float(loss_weight)
         self.centers_initializer = keras.initializers.get(centers_initializer)

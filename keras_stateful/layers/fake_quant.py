@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend
+from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -115,11 +116,14 @@ class FakeQuant(StatefulLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not _is_int(num_bits) or not 2 <= num_bits <= 16:
-            raise ValueError(
-                f"FakeQuant: num_bits must be an integer in [2, 16]; received "
-                f"num_bits={num_bits!r}. Write e.g. `FakeQuant(num_bits=8)`."
-            )
+        self.num_bits = _checks.integer(
+            num_bits,
+            "num_bits",
+            layer="FakeQuant",
+            example="FakeQuant(num_bits=8)",
+            minimum=2,
+            maximum=16,
+        )
         if scheme not in _SCHEMES:
             raise ValueError(
                 f"FakeQuant: scheme must be 'affine' or 'symmetric'; received "
@@ -127,22 +131,27 @@ class FakeQuant(StatefulLayer):
                 "torch.per_tensor_affine or 'symmetric' for "
                 "torch.per_tensor_symmetric (per channel: also give `axis`)."
             )
-        if axis is not None and not _is_int(axis):
-            raise TypeError(
-                f"FakeQuant: axis must be None (per tensor) or an int channel "
-                f"axis; received axis={axis!r}. Write e.g. `FakeQuant(axis=-1)`."
-            )
-        if not 0.0 <= averaging_constant <= 1.0:
-            raise ValueError(
-                f"FakeQuant: averaging_constant must be in [0, 1]; received "
-                f"averaging_constant={averaging_constant!r}. It is the weight "
-                "of the new batch (PyTorch's convention): 0.01 keeps 99% of "
-                "the old range."
-            )
-        self.num_bits = int(num_bits)
         self.scheme = scheme
-        self.axis = None if axis is None else int(axis)
-        self.averaging_constant = float(averaging_constant)
+        self.axis = _checks.optional(
+            _checks.integer,
+            axis,
+            "axis",
+            or_none="None (one range per tensor)",
+            layer="FakeQuant",
+            example="FakeQuant(axis=-1)",
+            meaning="the channel axis",
+            error=TypeError,
+        )
+        self.averaging_constant = _checks.number(
+            averaging_constant,
+            "averaging_constant",
+            layer="FakeQuant",
+            example="FakeQuant(averaging_constant=0.01)",
+            minimum=0.0,
+            maximum=1.0,
+            note="It is the weight of the new batch (PyTorch's convention): "
+            "0.01 keeps 99% of the old range.",
+        )
         self.quant_min, self.quant_max = self._quant_range(quant_min, quant_max)
         self.min_val = None
         self.max_val = None
@@ -163,10 +172,13 @@ class FakeQuant(StatefulLayer):
                 f"quant_min={quant_min!r}, quant_max={quant_max!r}. Write e.g. "
                 "`FakeQuant(scheme='symmetric', quant_min=-127, quant_max=127)`."
             )
-        if not (_is_int(quant_min) and _is_int(quant_max)):
-            raise TypeError(
-                "FakeQuant: quant_min and quant_max must be integers; received "
-                f"quant_min={quant_min!r}, quant_max={quant_max!r}."
+        for name, value in (("quant_min", quant_min), ("quant_max", quant_max)):
+            _checks.integer(
+                value,
+                name,
+                layer="FakeQuant",
+                example="FakeQuant(scheme='symmetric', quant_min=-127, quant_max=127)",
+                error=TypeError,
             )
         if not (quant_min <= 0 <= quant_max and quant_min < quant_max) or (
             quant_max - quant_min + 1 > 2**self.num_bits
@@ -332,7 +344,3 @@ def _divide(numerator: Tensor, denominator: float) -> Tensor:
     finite numerator `0 * numerator` is 0; the state is finite.)
     """
     return numerator / (denominator + 0.0 * numerator)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

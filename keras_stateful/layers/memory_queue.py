@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend
+from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer
 from keras_stateful.types import Tensor
 
@@ -106,12 +107,14 @@ class MemoryQueue(StatefulLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(
-                f"MemoryQueue: size must be an int >= 1 (the number of keys "
-                f"kept); received size={size!r}. Write e.g. `MemoryQueue(65536)`."
-            )
-        self.size = size
+        self.size = _checks.integer(
+            size,
+            "size",
+            layer="MemoryQueue",
+            example="MemoryQueue(65536)",
+            minimum=1,
+            meaning="the number of keys kept",
+        )
         self.normalize = bool(normalize)
         self.return_mask = bool(return_mask)
         self.queue_initializer = keras.initializers.get(queue_initializer)

@@ -8,6 +8,8 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend
+from keras_stateful.layers import _checks
+from keras_stateful.layers._moments import ema
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -60,13 +62,9 @@ class MovingAverage(StatefulLayer):
         self, momentum: float = 0.99, *, zero_debias: bool = False, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(
-                f"MovingAverage: momentum must be in [0, 1); received "
-                f"momentum={momentum!r}. Keras's convention: 0.99 keeps 99% of "
-                "the old average (PyTorch's momentum=0.01)."
-            )
-        self.momentum = float(momentum)
+        self.momentum = _checks.momentum(
+            momentum, layer="MovingAverage", example="MovingAverage(momentum=0.99)"
+        )
         self.zero_debias = bool(zero_debias)
         self.average = None
         self.hidden = None
@@ -100,9 +98,9 @@ class MovingAverage(StatefulLayer):
         )
         batch_mean = batch_sum / batch_size
         counter = next_count(self.counter)
+        momentum = ops.convert_to_tensor(self.momentum, "float32")
         if self.zero_debias:
-            hidden = _ema(self.hidden, batch_mean, self.momentum)
-            momentum = ops.convert_to_tensor(self.momentum, "float32")
+            hidden = ema(self.hidden, batch_mean, momentum)
             debias = 1.0 - ops.power(momentum, ops.cast(counter, "float32"))
             self.commit_state(
                 (self.hidden, hidden),
@@ -112,7 +110,7 @@ class MovingAverage(StatefulLayer):
             )
         else:
             self.commit_state(
-                (self.average, _ema(self.average, batch_mean, self.momentum)),
+                (self.average, ema(self.average, batch_mean, momentum)),
                 (self.counter, counter),
                 training=training,
             )
@@ -129,9 +127,3 @@ class MovingAverage(StatefulLayer):
             "momentum": self.momentum,
             "zero_debias": self.zero_debias,
         }
-
-
-def _ema(old: Any, new: Tensor, momentum: float) -> Tensor:
-    # The float32 momentum, the same number the debiasing raises to a power.
-    m = ops.convert_to_tensor(momentum, "float32")
-    return m * _backend.read_value(old) + (1.0 - m) * new

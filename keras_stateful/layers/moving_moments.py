@@ -9,8 +9,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import _backend
-from keras_stateful.layers._moments import batch_moments, feature_shape
+from keras_stateful.layers import _checks
+from keras_stateful.layers._moments import batch_moments, ema, feature_shape
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -86,19 +86,21 @@ class MovingMoments(StatefulLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if momentum is not None and not 0.0 <= momentum < 1.0:
-            raise ValueError(
-                f"MovingMoments: momentum must be in [0, 1) or None; received "
-                f"momentum={momentum!r}. Keras's convention: 0.99 keeps 99% of "
-                "the old value (PyTorch's momentum=0.01)."
-            )
+        momentum = _checks.optional(
+            _checks.momentum,
+            momentum,
+            "momentum",
+            or_none="None (the cumulative average)",
+            layer="MovingMoments",
+            example="MovingMoments(momentum=0.99)",
+        )
         if momentum is None and zero_debias:
             raise ValueError(
                 "MovingMoments: momentum=None (a cumulative average) has no "
                 "zero start to debias; drop zero_debias=True."
             )
         self.axis = axis if isinstance(axis, int) else tuple(axis)
-        self.momentum = None if momentum is None else float(momentum)
+        self.momentum = momentum
         self.unbiased = bool(unbiased)
         self.zero_debias = bool(zero_debias)
         self.supports_masking = True
@@ -143,8 +145,8 @@ class MovingMoments(StatefulLayer):
         else:
             momentum = ops.convert_to_tensor(self.momentum, "float32")
         if self.zero_debias:
-            mean_hidden = _ema(self.mean_hidden, mean, momentum)
-            variance_hidden = _ema(self.variance_hidden, variance, momentum)
+            mean_hidden = ema(self.mean_hidden, mean, momentum)
+            variance_hidden = ema(self.variance_hidden, variance, momentum)
             debias = 1.0 - ops.power(momentum, steps)
             self.commit_state(
                 (self.mean_hidden, mean_hidden),
@@ -156,8 +158,8 @@ class MovingMoments(StatefulLayer):
             )
         else:
             self.commit_state(
-                (self.moving_mean, _ema(self.moving_mean, mean, momentum)),
-                (self.moving_variance, _ema(self.moving_variance, variance, momentum)),
+                (self.moving_mean, ema(self.moving_mean, mean, momentum)),
+                (self.moving_variance, ema(self.moving_variance, variance, momentum)),
                 (self.counter, counter),
                 training=training,
             )
@@ -196,7 +198,3 @@ class MovingMoments(StatefulLayer):
             "unbiased": self.unbiased,
             "zero_debias": self.zero_debias,
         }
-
-
-def _ema(old: keras.Variable, new: Tensor, momentum: Tensor) -> Tensor:
-    return momentum * _backend.read_value(old) + (1.0 - momentum) * new

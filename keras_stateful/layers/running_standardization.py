@@ -9,7 +9,12 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend
-from keras_stateful.layers._moments import batch_moments, feature_shape
+from keras_stateful.layers import _checks
+from keras_stateful.layers._moments import (
+    batch_moments,
+    feature_shape,
+    merge_moments,
+)
 from keras_stateful.stateful_layer import StatefulLayer
 from keras_stateful.types import Tensor
 
@@ -83,18 +88,23 @@ class RunningStandardization(StatefulLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if epsilon < 0:
-            raise ValueError(
-                f"RunningStandardization: epsilon must be >= 0; received {epsilon!r}."
-            )
-        if clip is not None and clip <= 0:
-            raise ValueError(
-                f"RunningStandardization: clip must be positive or None; received "
-                f"clip={clip!r}. Write e.g. `clip=10.0`, or leave it out."
-            )
+        self.epsilon = _checks.number(
+            epsilon,
+            "epsilon",
+            layer="RunningStandardization",
+            example="RunningStandardization(epsilon=1e-8)",
+            minimum=0.0,
+        )
+        self.clip = _checks.optional(
+            _checks.number,
+            clip,
+            "clip",
+            or_none="None (no clipping)",
+            layer="RunningStandardization",
+            example="RunningStandardization(clip=10.0)",
+            exclusive_minimum=0.0,
+        )
         self.axis = axis if isinstance(axis, int) else tuple(axis)
-        self.epsilon = float(epsilon)
-        self.clip = None if clip is None else float(clip)
         self.supports_masking = True
         self.count = None
         self.mean = None
@@ -131,28 +141,20 @@ class RunningStandardization(StatefulLayer):
                 shift=ops.reshape(mean, kept),
                 shift_valid=ops.reshape(count > 0, kept),
             )
-            batch_count = ops.reshape(batch_count, self._feature_shape)
-            batch_m2 = ops.reshape(batch_m2, self._feature_shape)
-            # delta = batch mean - running mean, where the running mean is
-            # `mean + mean_correction` (a float32 pair: float32 alone rounds a
-            # mean near 1e6 to 0.06, which would bias the merged variance).
-            # With the stored mean as the shift, the large parts cancel
-            # exactly.
-            correction = _backend.read_value(self.mean_correction)
-            delta_high = ops.reshape(shift, self._feature_shape) - mean
-            delta_low = ops.reshape(mean_offset, self._feature_shape) - correction
-            delta = delta_high + delta_low
-            total = count + batch_count
-            weight = batch_count / ops.maximum(total, 1e-30)
-            high, rounded_off = _two_sum(mean, delta_high * weight)
-            low = correction + delta_low * weight + rounded_off
-            new_mean, new_correction = _two_sum(high, low)
-            m2 = (
-                count * _backend.read_value(self.variance)
-                + batch_m2
-                + ops.square(delta) * count * weight
+            # The running mean is `mean + mean_correction` (a float32 pair:
+            # float32 alone rounds a mean near 1e6 to 0.06, which would bias
+            # the merged variance).
+            features = self._feature_shape
+            total, new_mean, new_correction, new_variance = merge_moments(
+                count,
+                mean,
+                _backend.read_value(self.mean_correction),
+                _backend.read_value(self.variance),
+                ops.reshape(batch_count, features),
+                ops.reshape(shift, features),
+                ops.reshape(mean_offset, features),
+                ops.reshape(batch_m2, features),
             )
-            new_variance = ops.maximum(m2 / ops.maximum(total, 1e-30), 0.0)
             self.commit_state(
                 (self.count, total),
                 (self.mean, new_mean),
@@ -184,10 +186,3 @@ class RunningStandardization(StatefulLayer):
             "epsilon": self.epsilon,
             "clip": self.clip,
         }
-
-
-def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """`(a + b rounded, what the rounding lost)`, exactly (Knuth's TwoSum)."""
-    total = a + b
-    b_kept = total - a
-    return total, (a - (total - b_kept)) + (b - b_kept)

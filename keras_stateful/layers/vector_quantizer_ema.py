@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 from keras_stateful import _backend, logged_values
+from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -150,55 +151,61 @@ class VectorQuantizerEMA(StatefulLayer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for arg, value in (
-            ("num_embeddings", num_embeddings),
-            ("embedding_dim", embedding_dim),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"VectorQuantizerEMA: {arg} must be an int >= 1; received "
-                    f"{arg}={value!r}. Write e.g. `VectorQuantizerEMA("
-                    "num_embeddings=512, embedding_dim=64)`."
-                )
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(
-                f"VectorQuantizerEMA: decay must be in [0, 1); received "
-                f"decay={decay!r}. Sonnet's default is decay=0.99 (keeps 99% "
-                "of the old average)."
+        layer = "VectorQuantizerEMA"
+
+        def example(extra: str = "") -> str:
+            return f"VectorQuantizerEMA(num_embeddings=512, embedding_dim=64{extra})"
+
+        self.num_embeddings, self.embedding_dim = (
+            _checks.integer(value, name, layer=layer, example=example(), minimum=1)
+            for name, value in (
+                ("num_embeddings", num_embeddings),
+                ("embedding_dim", embedding_dim),
             )
-        if not epsilon > 0.0:
-            raise ValueError(
-                f"VectorQuantizerEMA: epsilon must be > 0 (it keeps unused "
-                f"codes from a division by zero); received epsilon={epsilon!r}. "
-                "Write e.g. `epsilon=1e-5`."
-            )
-        if not commitment_cost >= 0.0:
-            raise ValueError(
-                "VectorQuantizerEMA: commitment_cost must be >= 0; received "
-                f"commitment_cost={commitment_cost!r}. Write e.g. "
-                "`commitment_cost=0.25`."
-            )
-        if restart_threshold is not None and not restart_threshold > 0.0:
-            raise ValueError(
-                "VectorQuantizerEMA: restart_threshold must be None (no "
-                "restarts) or > 0, a moving count of inputs per batch; "
-                f"received restart_threshold={restart_threshold!r}. Write e.g. "
-                "`restart_threshold=1.0`."
-            )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(
-                f"VectorQuantizerEMA: seed must be None or an int; received "
-                f"seed={seed!r}. Write e.g. `seed=0`."
-            )
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
-        self.commitment_cost = float(commitment_cost)
-        self.decay = float(decay)
-        self.epsilon = float(epsilon)
-        self.restart_threshold = (
-            None if restart_threshold is None else float(restart_threshold)
         )
-        self.seed = seed
+        self.commitment_cost = _checks.number(
+            commitment_cost,
+            "commitment_cost",
+            layer=layer,
+            example=example(", commitment_cost=0.25"),
+            minimum=0.0,
+        )
+        self.decay = _checks.number(
+            decay,
+            "decay",
+            layer=layer,
+            example=example(", decay=0.99"),
+            minimum=0.0,
+            exclusive_maximum=1.0,
+            note="It is the weight of the old average, as in Sonnet.",
+        )
+        self.epsilon = _checks.number(
+            epsilon,
+            "epsilon",
+            layer=layer,
+            example=example(", epsilon=1e-5"),
+            exclusive_minimum=0.0,
+            meaning="it keeps unused codes from a division by zero",
+        )
+        self.restart_threshold = _checks.optional(
+            _checks.number,
+            restart_threshold,
+            "restart_threshold",
+            or_none="None (no restarts)",
+            layer=layer,
+            example=example(", restart_threshold=1.0"),
+            exclusive_minimum=0.0,
+            meaning="a moving count of inputs per batch",
+        )
+        self.seed = _checks.optional(
+            _checks.integer,
+            seed,
+            "seed",
+            or_none="None (a seed drawn now)",
+            layer=layer,
+            example=example(", seed=0"),
+        )
+        seed = self.seed
         if embeddings_initializer is None:
             embeddings_initializer = keras.initializers.VarianceScaling(
                 scale=1.0, mode="fan_out", distribution="uniform", seed=seed
@@ -207,7 +214,7 @@ class VectorQuantizerEMA(StatefulLayer):
         # The restarts draw from `restart_seed`, a state variable: saved with
         # the weights (a resumed run draws the same vectors) and advanced
         # only with a committed update.
-        self._first_seed = int(seed) if seed is not None else random.randint(1, 10**9)
+        self._first_seed = seed if seed is not None else random.randint(1, 10**9)
         self.restart_seed = None
         self.embeddings = None
         self.ema_cluster_size = None
