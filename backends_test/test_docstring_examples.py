@@ -239,8 +239,10 @@ def check_vector_quantizer(ns):
 def check_logged_center_loss(ns):
     # Four samples at distance 1/2 * |(1, 1) - 0|^2 = 1 from zero centers.
     layer = ns.get("layer")
-    values = layer.logged_values() if layer else eval(
-        "keras_stateful.read_logged_values(model)", ns
+    values = (
+        layer.logged_values()
+        if layer
+        else eval("keras_stateful.read_logged_values(model)", ns)
     )
     assert values == {"center_loss": 1.0}
 

@@ -370,15 +370,7 @@ def check_inference_writes_nothing(record: _Record) -> None:
         model, _ = record.fitted(mode)
         what = f"under fit(jit_compile={mode!r})"
         before = variables_snapshot(model)
-        routes: dict[str, Callable[[], Any]] = {
-            "predict": lambda m=model: _predict(m, record),
-            "predict_on_batch": lambda m=model: m.predict_on_batch(record.full_batch),
-            "a call with training=False": lambda m=model: m(
-                record.full_batch, training=False
-            ),
-            "a call without `training`": lambda m=model: m(record.full_batch),
-        }
-        for route, run in routes.items():
+        for route, run in _inference_routes(model, record).items():
             run()
             _expect_unchanged(variables_snapshot(model), before, f"{route} {what}")
         weights = model.get_weights()
@@ -399,6 +391,19 @@ def check_inference_writes_nothing(record: _Record) -> None:
         )
     if _backend.BACKEND == "tensorflow":
         _check_exported_serving(record, record.fitted(record.jit_compile_modes[0])[0])
+
+
+def _inference_routes(
+    model: keras.Model, record: _Record
+) -> dict[str, Callable[[], Any]]:
+    """Every way to run the model outside training, by name."""
+    batch = record.full_batch
+    return {
+        "predict": lambda: _predict(model, record),
+        "predict_on_batch": lambda: model.predict_on_batch(batch),
+        "a call with training=False": lambda: model(batch, training=False),
+        "a call without `training`": lambda: model(batch),
+    }
 
 
 def _check_exported_serving(record: _Record, model: keras.Model) -> None:
