@@ -19,7 +19,7 @@ import pytest
 
 from backends_test import all_layers
 from backends_test.conftest import BACKEND
-from keras_stateful import _backend
+from keras_stateful import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -80,13 +80,13 @@ def test_inference_never_reduces_across_replicas(monkeypatch):
     """
     calls = []
     for name in REDUCTIONS:
-        real = getattr(_backend, name)
+        real = getattr(distributed, name)
 
         def spy(*args, _real=real, _name=name):
             calls.append(_name)
             return _real(*args)
 
-        monkeypatch.setattr(_backend, name, spy)
+        monkeypatch.setattr(distributed, name, spy)
     model = all_layers.every_layer_model()
     model.compile(optimizer="sgd", loss="mse")
     x, labels = all_layers.data(2)

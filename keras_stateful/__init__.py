@@ -5,7 +5,7 @@ PyTorch; `keras_stateful.layers` holds the layers built on it, and
 `keras_stateful.testing.check_state_contract` checks any such layer.
 """
 
-from keras_stateful import layers
+from keras_stateful import distributed, layers
 from keras_stateful.calibrate import calibrate
 from keras_stateful.logged_values import (
     LogLayerValues,
@@ -21,6 +21,7 @@ __all__ = [
     "StatefulLayer",
     "__version__",
     "calibrate",
+    "distributed",
     "evaluation_logging",
     "find_stateful_layers",
     "layers",

@@ -30,7 +30,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import _backend, distributed
 from keras_stateful.types import Tensor
 
 _MARK = "_keras_stateful_records_logged_values"
@@ -275,7 +275,7 @@ def read_sums(model: keras.layers.Layer, *, across_processes: bool) -> dict:
     if not across_processes or not sums:
         return sums
     flat = np.array([part for pair in sums.values() for part in pair], "float64")
-    flat = _backend.sum_over_processes(flat)
+    flat = distributed.sum_over_processes(flat)
     return {name: (flat[2 * i], flat[2 * i + 1]) for i, name in enumerate(sums)}
 
 

@@ -277,7 +277,7 @@ class StatefulLayer(keras.layers.Layer):
         Example:
 
         ```python
-        from keras_stateful import _backend  # the cross-replica helpers
+        from keras_stateful.distributed import cross_replica_sum
 
 
         class ReplicaMean(keras_stateful.StatefulLayer):
@@ -286,8 +286,8 @@ class StatefulLayer(keras.layers.Layer):
 
             def call(self, inputs, training=None):
                 if self.may_update(training):  # inference: no reductions at all
-                    total = _backend.cross_replica_sum(ops.sum(inputs, axis=0))
-                    count = _backend.cross_replica_sum(ops.shape(inputs)[0] * 1.0)
+                    total = cross_replica_sum(ops.sum(inputs, axis=0))
+                    count = cross_replica_sum(ops.shape(inputs)[0] * 1.0)
                     self.commit_state((self.mean, total / count), training=training)
                 return inputs
 
@@ -501,7 +501,7 @@ def find_stateful_layers(model: keras.layers.Layer) -> list[StatefulLayer]:
     keras_stateful.find_stateful_layers(model)  # [average]
     ```
     """
-    layers = [model, *model._flatten_layers(include_self=False)]
+    layers = _backend.flatten_layers(model)
     return [layer for layer in layers if isinstance(layer, StatefulLayer)]
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import _backend, distributed
 from keras_stateful.types import Tensor
 
 
@@ -69,7 +69,7 @@ def batch_moments(
     axes = tuple(reduce_axes)
 
     def global_sum(values: Tensor) -> Tensor:
-        return _backend.cross_replica_sum(ops.sum(values, axis=axes, keepdims=True))
+        return distributed.cross_replica_sum(ops.sum(values, axis=axes, keepdims=True))
 
     if mask is None:
         # Every value counts: no weights, no selects (on eager PyTorch each

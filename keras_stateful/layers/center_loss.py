@@ -8,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import _backend, distributed
 from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
@@ -165,11 +165,11 @@ class CenterLoss(StatefulLayer):
         weight = ops.cast(valid, "float32")
         # In a data-parallel run the update uses every replica's batch (all
         # replicas then commit the same rows); on one device, this batch.
-        x, present = _backend.cross_replica_gather(x)
+        x, present = distributed.cross_replica_gather(x)
         skipped = ops.sum(1 - ops.cast(valid, "int32"))
         if present is not None:
-            ids = _backend.cross_replica_gather(ids)[0]
-            labelled = _backend.cross_replica_gather(valid)[0]
+            ids = distributed.cross_replica_gather(ids)[0]
+            labelled = distributed.cross_replica_gather(valid)[0]
             valid = ops.logical_and(present, labelled)
             skipped = ops.sum(
                 ops.cast(ops.logical_and(present, ops.logical_not(labelled)), "int32")

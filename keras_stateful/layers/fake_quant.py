@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import _backend, distributed
 from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
@@ -259,8 +259,8 @@ class FakeQuant(StatefulLayer):
             reduce = tuple(i for i in range(self._rank) if i != self._channel_axis)
             batch_min = ops.min(observed, axis=reduce)
             batch_max = ops.max(observed, axis=reduce)
-        batch_min = _backend.cross_replica_min(batch_min)
-        batch_max = _backend.cross_replica_max(batch_max)
+        batch_min = distributed.cross_replica_min(batch_min)
+        batch_max = distributed.cross_replica_max(batch_max)
         first = _backend.read_value(self.observations) == 0
         self.commit_state(
             (self.min_val, self._moving(self.min_val, batch_min, first)),

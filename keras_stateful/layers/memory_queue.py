@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import _backend, _torch_buffers, distributed
 from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer
 from keras_stateful.types import Tensor
@@ -122,7 +122,7 @@ class MemoryQueue(StatefulLayer):
         self.queue = None
         self.pointer = None
         self.filled = None
-        self._queue_before = _backend.ValueBeforeRowWrites()
+        self._queue_before = _torch_buffers.ValueBeforeRowWrites()
 
     def build(self, input_shape: Any) -> None:
         shape = tuple(input_shape)
@@ -175,7 +175,7 @@ class MemoryQueue(StatefulLayer):
         # In a data-parallel run every replica enqueues all replicas' keys,
         # in replica order (MoCo's concat_all_gather); padding rows of
         # uneven batches sort last and are not written.
-        x, present = _backend.cross_replica_gather(x)
+        x, present = distributed.cross_replica_gather(x)
         # A non-finite key anywhere in the batch stops the whole enqueue,
         # also one that a later key of a batch larger than `size` overwrites.
         finite = ops.all(ops.isfinite(x)) if self.guard_non_finite else None

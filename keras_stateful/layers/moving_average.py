@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import _backend
+from keras_stateful import distributed
 from keras_stateful.layers import _checks
 from keras_stateful.layers._moments import ema
 from keras_stateful.stateful_layer import StatefulLayer, next_count
@@ -90,10 +90,10 @@ class MovingAverage(StatefulLayer):
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
         if not self.may_update(training):
             return inputs
-        batch_sum = _backend.cross_replica_sum(
+        batch_sum = distributed.cross_replica_sum(
             ops.sum(ops.cast(inputs, "float32"), axis=0)
         )
-        batch_size = _backend.cross_replica_sum(
+        batch_size = distributed.cross_replica_sum(
             ops.cast(ops.shape(inputs)[0], "float32")
         )
         batch_mean = batch_sum / batch_size

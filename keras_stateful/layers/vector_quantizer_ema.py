@@ -9,7 +9,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import _backend, logged_values
+from keras_stateful import _backend, distributed, logged_values
 from keras_stateful.layers import _checks
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
@@ -286,11 +286,11 @@ class VectorQuantizerEMA(StatefulLayer):
         updating = self.may_update(training)
         counts, sums = self._code_statistics(flat, codes, with_sums=updating)
         if updating or logged_values.evaluating_on_all_replicas():
-            counts = _backend.cross_replica_sum(counts)
+            counts = distributed.cross_replica_sum(counts)
         batch = ops.shape(inputs)[0]
         self._log(counts, loss, batch)
         if updating:
-            self._update(_backend.cross_replica_sum(sums), counts, flat, training)
+            self._update(distributed.cross_replica_sum(sums), counts, flat, training)
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -421,8 +421,8 @@ class VectorQuantizerEMA(StatefulLayer):
             )
             # Identical on every replica: the mean over replicas of the row
             # each one drew (on one device, the row itself).
-            replicas = _backend.cross_replica_sum(ops.ones((), "float32"))
-            seeds = _backend.cross_replica_sum(ops.take(flat, picks, axis=0))
+            replicas = distributed.cross_replica_sum(ops.ones((), "float32"))
+            seeds = distributed.cross_replica_sum(ops.take(flat, picks, axis=0))
             seeds = seeds / replicas
             embeddings = ops.where(dead[:, None], seeds, embeddings)
             cluster_size = ops.where(dead, threshold, cluster_size)
