@@ -4,8 +4,6 @@ import keras
 import numpy as np
 import pytest
 
-BACKEND = keras.backend.backend()
-
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
@@ -26,14 +24,3 @@ def _fresh_keras_state():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-def state_of(layer):
-    """The layer's state variables as NumPy arrays, by name."""
-    return {
-        v.name: np.array(keras.ops.convert_to_numpy(v)) for v in layer.state_variables
-    }
-
-
-def value_of(variable):
-    return np.array(keras.ops.convert_to_numpy(variable))

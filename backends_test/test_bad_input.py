@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 
 from backends_test import all_layers
-from backends_test.conftest import BACKEND, state_of, value_of
+from backends_test.helpers import BACKEND, value_of
 from keras_stateful.layers import FakeQuant, MovingMoments
+from keras_stateful.testing import state_snapshot
 
 F = all_layers.FEATURES
 
@@ -170,7 +171,7 @@ def test_bad_input_eagerly(name, bad, outcome, rng):
     # Build and update once; float16's extremes come first, as the range a
     # first batch sets is exactly its min and max.
     call(name, layer, features(rng), rng=rng, training=bad != "float16_max")
-    before, skipped = state_of(layer), layer.skipped_updates
+    before, skipped = state_snapshot(layer), layer.skipped_updates
     x, labels = make(rng)
 
     if outcome == RAISES:
@@ -182,7 +183,7 @@ def test_bad_input_eagerly(name, bad, outcome, rng):
     else:
         outputs = call(name, layer, x, labels, rng, training=True)
 
-    after = state_of(layer)
+    after = state_snapshot(layer)
     assert finite(after.values()), f"non-finite state: {after}"
     unchanged = all(np.array_equal(after[k], before[k]) for k in before)
     if outcome == UPDATES:
@@ -256,7 +257,7 @@ def test_bad_batches_inside_fit_are_skipped_counted_and_training_goes_on(name, r
         if batch is not nan_batch and batch is not inf_batch:
             call(name, reference, batch, batch_labels, training=True)
         start += len(batch)
-    actual, expected = state_of(layer), state_of(reference)
+    actual, expected = state_snapshot(layer), state_snapshot(reference)
     assert finite(actual.values())
     for key in expected:
         np.testing.assert_allclose(
@@ -298,11 +299,11 @@ def test_out_of_range_labels_inside_fit(rng):
 def test_a_non_finite_key_that_its_own_batch_overwrites_still_skips_it(rng):
     layer = all_layers.LAYERS["memory_queue"]()
     layer(features(rng, 2), training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     keys = features(rng, all_layers.QUEUE_SIZE + 3)
     keys[0, 1] = np.nan  # key 0 shares its slot with key QUEUE_SIZE
     layer(keys, training=True)
-    after = state_of(layer)
+    after = state_snapshot(layer)
     for key in before:
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     assert layer.skipped_updates == 1

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import keras_stateful
-from backends_test.conftest import state_of, value_of
+from backends_test.helpers import value_of
 from keras_stateful.layers import CenterLoss
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 
 K, D = 6, 3
 
@@ -110,7 +110,7 @@ def test_out_of_range_labels_in_compiled_fit_are_left_out_and_counted(rng):
     keep = (labels >= 0) & (labels < K)
     expected, _ = numpy_center_step(before, features[keep], labels[keep], 0.5)
     np.testing.assert_allclose(value_of(layer.centers), expected, rtol=1e-5, atol=1e-6)
-    assert state_of(layer)["out_of_range_labels"] == 2
+    assert state_snapshot(layer)["out_of_range_labels"] == 2
 
 
 def test_float_class_ids_are_refused_with_the_fix(rng):
@@ -204,11 +204,11 @@ def test_logging_never_touches_the_state(rng):
     y = rng.integers(0, 3, 8).astype("int32")
     layer = seeded_layer()
     layer([x, y], training=False)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     with keras_stateful.evaluation_logging():
         layer([x, y], training=False)
     assert layer.logged_values()["center_loss"] > 0
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
     layer.reset_logged_values()
     assert np.isnan(layer.logged_values()["center_loss"])
@@ -217,10 +217,10 @@ def test_logging_never_touches_the_state(rng):
 def test_empty_batch_adds_zero_loss_and_moves_nothing(rng):
     layer = seeded_layer()
     layer([rng.normal(size=(2, D)).astype("float32"), np.array([0, 1])], training=False)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     empty = [np.zeros((0, D), "float32"), np.zeros((0,), "int32")]
     out = layer(empty, training=True)
     assert tuple(out.shape) == (0, D)
     assert [float(keras.ops.convert_to_numpy(loss)) for loss in layer.losses] == [0.0]
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])

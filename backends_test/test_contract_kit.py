@@ -6,7 +6,7 @@ import pytest
 from keras import ops
 
 import keras_stateful
-from backends_test.conftest import BACKEND
+from backends_test.helpers import BACKEND
 from backends_test.user_layers import Keras2StyleCenters, ScaledByRunningMean
 from keras_stateful.testing import check_state_contract
 

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from backends_test.conftest import BACKEND, value_of
+from backends_test.helpers import BACKEND, value_of
 from keras_stateful.layers import MovingAverage
 
 MOMENTUM = 0.8

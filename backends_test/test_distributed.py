@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from backends_test import all_layers
-from backends_test.conftest import BACKEND
+from backends_test.helpers import BACKEND
 from keras_stateful import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

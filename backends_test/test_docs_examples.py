@@ -9,7 +9,7 @@ import sys
 import keras
 import numpy as np
 
-from backends_test.conftest import BACKEND, value_of
+from backends_test.helpers import BACKEND, value_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -32,7 +32,7 @@ from keras import ops
 import keras_stateful
 import keras_stateful.layers
 import keras_stateful.testing
-from backends_test.conftest import value_of
+from backends_test.helpers import value_of
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = (keras_stateful, keras_stateful.layers, keras_stateful.testing)

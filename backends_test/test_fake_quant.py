@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from backends_test.conftest import state_of, value_of
+from backends_test.helpers import value_of
 from backends_test.test_stateful_layer import input_gradient
 from keras_stateful.layers.fake_quant import FakeQuant
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 
 EPS = np.float32(2.0**-23)  # torch.finfo(torch.float32).eps
 
@@ -95,7 +95,7 @@ def test_matches_numpy_reference(num_bits, scheme, axis, rng):
     np.testing.assert_array_equal(zero_point, expected[4])
     for out, reference in zip(outputs, expected[0], strict=True):
         np.testing.assert_array_equal(out, reference)
-    assert state_of(layer)["observations"] == len(batches)
+    assert state_snapshot(layer)["observations"] == len(batches)
 
 
 @pytest.mark.parametrize("num_bits, scheme, axis", CASES)
@@ -186,17 +186,17 @@ def test_training_quantizes_with_the_range_including_the_batch():
 def test_inference_uses_the_stored_range_and_does_not_update(rng):
     layer = FakeQuant()
     layer(np.array([[0.0, 1.0]], "float32"), training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     x = np.array([[0.2, 7.0, -3.0]], "float32")
     out = value_of(layer(x, training=False))
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
     # scale 1/255, zero point 0: 7 and -3 clip to the stored [0, 1].
     np.testing.assert_allclose(out, [[51 / 255, 1.0, 0.0]], rtol=1e-6)
     layer.freeze_state()
     frozen = value_of(layer(x, training=True))
     np.testing.assert_array_equal(frozen, out)
-    assert state_of(layer)["observations"] == 1
+    assert state_snapshot(layer)["observations"] == 1
 
 
 def test_before_any_observation_the_input_passes_through(rng):
@@ -206,7 +206,7 @@ def test_before_any_observation_the_input_passes_through(rng):
     scale, zero_point = layer.quantization_parameters()
     assert value_of(scale) == 1.0 and value_of(zero_point) == 0
     assert value_of(zero_point).dtype == np.int32
-    assert state_of(layer)["observations"] == 0
+    assert state_snapshot(layer)["observations"] == 0
 
 
 def test_gradient_is_straight_through_inside_the_range_and_zero_outside():
@@ -216,7 +216,7 @@ def test_gradient_is_straight_through_inside_the_range_and_zero_outside():
     x = np.array([[0.5, -0.3, 5.0, -5.0]], "float32")
     grad = input_gradient(layer, x)
     np.testing.assert_array_equal(grad, [[1.0, 1.0, 0.0, 0.0]])
-    assert state_of(layer)["observations"] == 2
+    assert state_snapshot(layer)["observations"] == 2
 
 
 def test_symmetric_largest_value_is_clipped_as_in_torch():

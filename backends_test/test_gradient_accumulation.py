@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from backends_test import all_layers
-from backends_test.conftest import value_of
+from backends_test.helpers import value_of
 
 ACCUMULATE = 2
 BATCHES = 4

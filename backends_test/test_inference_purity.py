@@ -16,7 +16,7 @@ import pytest
 
 import keras_stateful
 from backends_test import all_layers
-from backends_test.conftest import BACKEND
+from backends_test.helpers import BACKEND
 from keras_stateful.testing import variables_snapshot
 
 

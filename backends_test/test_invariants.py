@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends_test import all_layers
-from backends_test.conftest import state_of, value_of
+from backends_test.helpers import value_of
 from keras_stateful.layers import (
     CenterLoss,
     FakeQuant,
@@ -21,6 +21,7 @@ from keras_stateful.layers import (
     RunningStandardization,
     VectorQuantizerEMA,
 )
+from keras_stateful.testing import state_snapshot
 
 F = all_layers.FEATURES
 SETTINGS = settings(
@@ -119,7 +120,7 @@ def test_the_queue_holds_the_last_size_keys_enqueued(size, steps):
         layer(keys, training=True)
         enqueued.extend(keys)
         noise(layer, kind, rng, empty_is_skipped=False)
-    state = state_of(layer)
+    state = state_snapshot(layer)
     total = len(enqueued)
     for k in range(max(0, total - size), total):
         # Key k of the enqueued stream sits in slot k % size.
@@ -256,11 +257,11 @@ def test_a_non_finite_value_anywhere_skips_the_whole_update(name, row, column, v
         return layer(x, **kwargs)
 
     call(rng.normal(size=(8, F)).astype("float32"), training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     x = rng.normal(size=(8, F)).astype("float32")
     x[row, column] = value
     call(x, training=True)
-    after = state_of(layer)
+    after = state_snapshot(layer)
     for key in before:
         np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     assert layer.skipped_updates == 1

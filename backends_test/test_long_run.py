@@ -14,10 +14,11 @@ import pytest
 from keras import ops
 
 from backends_test import all_layers
-from backends_test.conftest import BACKEND, state_of, value_of
+from backends_test.helpers import BACKEND, value_of
 from keras_stateful import StatefulLayer
 from keras_stateful.layers import FakeQuant, MovingAverage, MovingMoments
 from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
+from keras_stateful.testing import state_snapshot
 
 STEPS_PER_EPOCH = 1_000
 EPOCHS = 10
@@ -92,12 +93,12 @@ def test_ten_thousand_steps_keep_the_state_finite_and_counted(long_run):
     for layer in all_layers.stateful_layers(model):
         assert layer.skipped_updates == 0, layer.name
     for name, counter in all_layers.COUNTERS.items():
-        assert state_of(model.get_layer(name))[counter] == steps, name
-    queue = state_of(model.get_layer("queue"))
+        assert state_snapshot(model.get_layer(name))[counter] == steps, name
+    queue = state_snapshot(model.get_layer("queue"))
     assert queue["pointer"] == samples % all_layers.QUEUE_SIZE
     assert queue["filled"] == all_layers.QUEUE_SIZE
     # float32 counts are exact to 2**24 values per feature.
-    standardization = state_of(model.get_layer("standardization"))
+    standardization = state_snapshot(model.get_layer("standardization"))
     np.testing.assert_array_equal(standardization["count"], samples)
 
 
@@ -182,7 +183,7 @@ def test_a_counter_at_the_int32_limit_saturates_and_the_layer_goes_on(name, rng)
     for _ in range(3):
         outputs = keras.ops.convert_to_numpy(layer(x, training=True))
     assert int(value_of(counter)) == INT32_MAX, "the counter wrapped"
-    state = state_of(layer)
+    state = state_snapshot(layer)
     assert all(np.all(np.isfinite(v)) for v in state.values())
     if name == "average":  # m**t == 0: the average is the hidden EMA
         np.testing.assert_allclose(state["average"], state["hidden"], rtol=1e-6)

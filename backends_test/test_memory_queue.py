@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends_test.conftest import BACKEND, state_of, value_of
+from backends_test.helpers import BACKEND, value_of
 from keras_stateful.layers.memory_queue import MemoryQueue
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 from keras_stateful.testing.state_contract import ContractScale, ContractScore
 
 D = 3
@@ -61,7 +61,7 @@ class QueueAndKeys(MemoryQueue):
 
 
 def check_against(layer, reference):
-    state = state_of(layer)
+    state = state_snapshot(layer)
     np.testing.assert_allclose(state["queue"], reference.queue, rtol=1e-6)
     assert state["pointer"] == reference.pointer
     assert state["filled"] == reference.filled
@@ -107,7 +107,7 @@ def test_filled_count_and_mask(rng):
     assert not keras.ops.convert_to_numpy(layer.valid_mask()).any()
     for batch_size, filled in [(2, 2), (2, 4), (2, 5), (3, 5)]:
         layer(rng.normal(size=(batch_size, D)).astype("float32"), training=True)
-        assert state_of(layer)["filled"] == filled
+        assert state_snapshot(layer)["filled"] == filled
         mask = keras.ops.convert_to_numpy(layer.valid_mask())
         assert mask.dtype == bool and mask.shape == (5,)
         np.testing.assert_array_equal(mask, np.arange(5) < filled)
@@ -166,9 +166,9 @@ def test_writes_from_outside_show_in_the_next_returned_queue(write, rng):
 def test_inference_does_not_update(training, rng):
     layer = MemoryQueue(4, return_mask=True)
     layer(rng.normal(size=(3, D)).astype("float32"), training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     queue, mask = layer(rng.normal(size=(3, D)).astype("float32"), training=training)
-    after = state_of(layer)
+    after = state_snapshot(layer)
     assert all(np.array_equal(after[name], before[name]) for name in before)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(queue), before["queue"])
     np.testing.assert_array_equal(
@@ -223,7 +223,7 @@ def test_queue_holds_the_last_size_keys_in_ring_order(size, batch_sizes):
         ids = np.arange(total, total + batch_size, dtype="float32")
         layer(np.stack([ids, -ids], axis=1), training=True)
         total += batch_size
-    state = state_of(layer)
+    state = state_snapshot(layer)
     for slot in range(size):
         # The newest key that landed in this slot: the largest k < total
         # with k % size == slot; none if total <= slot.
@@ -237,11 +237,11 @@ def test_queue_holds_the_last_size_keys_in_ring_order(size, batch_sizes):
 def test_a_batch_with_a_non_finite_key_is_not_enqueued(rng):
     layer = MemoryQueue(4)
     layer(rng.normal(size=(2, D)).astype("float32"), training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     keys = rng.normal(size=(3, D)).astype("float32")
     keys[1, 0] = np.nan
     layer(keys, training=True)
-    after = state_of(layer)
+    after = state_snapshot(layer)
     assert all(np.array_equal(after[name], before[name]) for name in before)
     assert layer.skipped_updates == 1
 
@@ -266,7 +266,9 @@ def test_initializer_config_and_reset(rng):
     layer(rng.normal(size=(4, D)).astype("float32"), training=True)
     layer.reset_state()
     np.testing.assert_array_equal(value_of(layer.queue), initial)
-    assert state_of(layer)["pointer"] == 0 and state_of(layer)["filled"] == 0
+    assert (
+        state_snapshot(layer)["pointer"] == 0 and state_snapshot(layer)["filled"] == 0
+    )
     clone = MemoryQueue.from_config(layer.get_config())
     assert (clone.size, clone.normalize, clone.return_mask) == (6, True, False)
     clone.build((None, D))

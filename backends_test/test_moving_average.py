@@ -4,9 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from backends_test.conftest import state_of, value_of
+from backends_test.helpers import value_of
 from keras_stateful.layers import MovingAverage
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 
 
 def numpy_ema(batches, momentum, zero_debias):
@@ -32,7 +32,7 @@ def test_matches_numpy_reference(zero_debias, momentum, rng):
         rtol=2e-6,
         atol=1e-6,
     )
-    assert state_of(layer)["counter"] == len(batches)
+    assert state_snapshot(layer)["counter"] == len(batches)
 
 
 def test_first_debiased_average_is_the_batch_mean(rng):
@@ -51,7 +51,7 @@ def test_returns_its_input_unchanged(rng):
 def test_inference_does_not_update(rng):
     layer = MovingAverage(0.5)
     layer(rng.normal(size=(4, 3)).astype("float32"), training=False)
-    assert not value_of(layer.average).any() and state_of(layer)["counter"] == 0
+    assert not value_of(layer.average).any() and state_snapshot(layer)["counter"] == 0
 
 
 def test_bad_momentum_says_which_convention():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from backends_test import all_layers
-from backends_test.conftest import BACKEND
+from backends_test.helpers import BACKEND
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 SAVED = sorted(FIXTURES.glob("*/*/*.keras"))

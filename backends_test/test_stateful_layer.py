@@ -6,9 +6,10 @@ import pytest
 from keras import ops
 
 import keras_stateful
-from backends_test.conftest import BACKEND, state_of, value_of
+from backends_test.helpers import BACKEND, value_of
 from backends_test.user_layers import Keras2StyleCenters, ScaledByRunningMean
 from keras_stateful.layers import MovingAverage
+from keras_stateful.testing import state_snapshot
 
 
 @keras.saving.register_keras_serializable(package="backends_test")
@@ -210,7 +211,7 @@ def test_non_finite_batch_is_skipped_and_counted(bad):
     x[1, 2] = bad
     layer(x, training=True)
     # Atomic: the finite `count` is not committed either.
-    assert state_of(layer)["count"] == 2
+    assert state_snapshot(layer)["count"] == 2
     assert np.array_equal(value_of(layer.total), [2, 2, 2])
     assert layer.skipped_updates == 1
 
@@ -422,7 +423,7 @@ def test_reset_state_restores_initializers_but_keeps_counter_and_switch():
     layer(np.full((2, 3), np.nan, "float32"), training=True)
     layer.freeze_state()
     layer.reset_state()
-    assert state_of(layer)["count"] == 0
+    assert state_snapshot(layer)["count"] == 0
     assert np.array_equal(value_of(layer.total), [0, 0, 0])
     assert layer.skipped_updates == 1 and layer.state_frozen
 

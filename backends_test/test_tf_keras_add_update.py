@@ -8,7 +8,7 @@ Verified with TensorFlow 2.21.0 and tf_keras 2.21.0.
 import numpy as np
 import pytest
 
-from backends_test.conftest import BACKEND
+from backends_test.helpers import BACKEND
 
 if BACKEND != "tensorflow":
     pytest.skip("tf_keras runs on TensorFlow only", allow_module_level=True)

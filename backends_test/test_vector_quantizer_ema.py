@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import keras_stateful
-from backends_test.conftest import state_of, value_of
+from backends_test.helpers import value_of
 from backends_test.test_stateful_layer import input_gradient
 from keras_stateful.layers import vector_quantizer_ema
 from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 from keras_stateful.testing.state_contract import ContractScale
 
 K, D = 6, 3
@@ -72,7 +72,7 @@ class NumpySonnetVQ:
 
 
 def check_state(layer, reference, rtol=1e-5, atol=1e-6):
-    state = state_of(layer)
+    state = state_snapshot(layer)
     for name, expected in [
         ("embeddings", reference.embeddings),
         ("ema_cluster_size", reference.cluster_size),
@@ -184,8 +184,8 @@ def test_input_of_rank_4_is_quantized_vector_by_vector(rng):
         keras.ops.convert_to_numpy(output).reshape(-1, D),
         keras.ops.convert_to_numpy(flat_output),
     )
-    for name, value in state_of(flat_layer).items():
-        np.testing.assert_allclose(state_of(image_layer)[name], value, rtol=1e-6)
+    for name, value in state_snapshot(flat_layer).items():
+        np.testing.assert_allclose(state_snapshot(image_layer)[name], value, rtol=1e-6)
     assert image_layer.compute_output_shape((None, 3, 4, D)) == (None, 3, 4, D)
 
 
@@ -216,14 +216,14 @@ def test_inference_does_not_update_or_log_but_quantizes(rng):
     x = rng.normal(size=(8, D)).astype("float32")
     layer = VectorQuantizerEMA(K, D, seed=0, restart_threshold=1.0)
     layer.build(x.shape)
-    initial = state_of(layer)
+    initial = state_snapshot(layer)
     reference = NumpySonnetVQ(initial["embeddings"], 0.99)
     for training in (False, None):
         output = layer(x, training=training)
         np.testing.assert_allclose(
             keras.ops.convert_to_numpy(output), reference(x, training=False)[0], 1e-6
         )
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, initial[name])
     assert np.isnan(layer.logged_values()[f"{layer.name}_usage"])
     with keras_stateful.evaluation_logging():  # e.g. Keras's test_step
@@ -287,7 +287,7 @@ def test_dead_codes_are_restarted_from_batch_vectors_under_fit(rng):
     assert dead[4:].all() and not np.any(value_of(plain.embeddings)[dead])
 
     # On: each dead code holds a vector of the batch; the others follow Sonnet.
-    state = state_of(restarted)
+    state = state_snapshot(restarted)
     rows = x.reshape(-1, 4)
     for row in state["embeddings"][dead]:
         assert np.any(np.all(row == rows, axis=1)), f"{row} is no input vector"
@@ -356,11 +356,11 @@ def test_bad_arguments_are_refused():
 def test_empty_batch_adds_zero_loss_and_updates_nothing():
     layer = VectorQuantizerEMA(K, D, seed=0)
     layer.build((None, D))
-    initial = state_of(layer)
+    initial = state_snapshot(layer)
     output = layer(np.zeros((0, D), "float32"), training=True)
     assert tuple(output.shape) == (0, D)
     assert float(keras.ops.convert_to_numpy(layer.losses[0])) == 0.0
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, initial[name])
 
 
