@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import pytest
 
+import keras_stateful
 from backends_test import all_layers
 
 EPOCHS = 3
@@ -44,12 +45,19 @@ class InterruptAt(keras.callbacks.Callback):
             raise Interrupted(f"injected at epoch {self.epoch}, batch {batch}")
 
 
-def fit(restart_threshold, callbacks):
-    """A fresh model (same seeds), trained on the same data in the same order."""
+def fit(restart_threshold, callbacks, accumulate=None):
+    """A fresh model (same seeds), trained on the same data in the same order.
+
+    With `accumulate`, the optimizer and every stateful layer accumulate over
+    that many batches: with 4 batches per epoch and 3 per window, windows
+    stay open across epoch ends, so backups hold open windows.
+    """
     keras.utils.clear_session()
     keras.utils.set_random_seed(0)
     model = all_layers.every_layer_model(vq_restart_threshold=restart_threshold)
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    optimizer = keras.optimizers.Adam(0.01, gradient_accumulation_steps=accumulate)
+    model.compile(optimizer=optimizer, loss="mse")
+    keras_stateful.set_accumulation_steps(model)
     x = all_layers.data(STEPS)
     model.fit(
         x,
@@ -64,18 +72,20 @@ def fit(restart_threshold, callbacks):
 
 
 @functools.cache
-def uninterrupted(restart_threshold):
-    return all_layers.model_values(fit(restart_threshold, []))
+def uninterrupted(restart_threshold, accumulate=None):
+    return all_layers.model_values(fit(restart_threshold, [], accumulate))
 
 
-def interrupted_then_resumed(backup_dir, restart_threshold, save_freq="epoch"):
+def interrupted_then_resumed(
+    backup_dir, restart_threshold, save_freq="epoch", accumulate=None
+):
     def backup():
         return keras.callbacks.BackupAndRestore(str(backup_dir), save_freq=save_freq)
 
     interrupt = InterruptAt(INTERRUPT_EPOCH, INTERRUPT_BATCH)
     with pytest.raises(Interrupted):
-        fit(restart_threshold, [backup(), interrupt])
-    return fit(restart_threshold, [backup()])
+        fit(restart_threshold, [backup(), interrupt], accumulate)
+    return fit(restart_threshold, [backup()], accumulate)
 
 
 @pytest.mark.parametrize(
@@ -94,6 +104,18 @@ def test_interrupted_fit_resumes_bit_identical(tmp_path, restart_threshold):
     for name, counter in counters.items():
         state = all_layers.values(model.get_layer(name).state_variables)
         assert state[f"{name}/{counter}"] == EPOCHS * STEPS
+
+
+def test_resume_mid_accumulation_window_is_bit_identical(tmp_path):
+    model = interrupted_then_resumed(tmp_path / "backup", None, accumulate=3)
+    all_layers.assert_identical(
+        all_layers.model_values(model),
+        uninterrupted(None, 3),
+        "resumed vs uninterrupted, accumulating over 3 batches",
+    )
+    # 12 batches in 4 windows: each layer with statistics updated 4 times.
+    average = all_layers.values(model.get_layer("average").state_variables)
+    assert average["average/counter"] == EPOCHS * STEPS // 3
 
 
 def test_batch_frequency_backup_replays_the_cut_epoch(tmp_path):

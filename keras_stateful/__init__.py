@@ -6,6 +6,7 @@ PyTorch; `keras_stateful.layers` holds the layers built on it, and
 """
 
 from keras_stateful import distributed, layers
+from keras_stateful.accumulation import set_accumulation_steps
 from keras_stateful.calibrate import calibrate
 from keras_stateful.logged_values import (
     LogLayerValues,
@@ -26,4 +27,5 @@ __all__ = [
     "find_stateful_layers",
     "layers",
     "read_logged_values",
+    "set_accumulation_steps",
 ]

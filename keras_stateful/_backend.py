@@ -128,6 +128,19 @@ def accumulator(name: str, scope: str) -> keras.Variable:
         )
 
 
+@contextlib.contextmanager
+def new_state_allowed(layer: keras.layers.Layer) -> Iterator[None]:
+    """Let a built layer create variables (Keras locks a layer's state at build)."""
+    tracker = layer._tracker
+    locked = tracker.locked
+    tracker.unlock()
+    try:
+        yield
+    finally:
+        if locked:
+            tracker.lock()
+
+
 def flatten_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     """`model` and every layer nested in it (Keras's private traversal)."""
     return [model, *model._flatten_layers(include_self=False)]

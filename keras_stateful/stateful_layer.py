@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
-from keras_stateful import _backend, logged_values
+from keras_stateful import _backend, accumulation, logged_values
 from keras_stateful.types import Tensor
 
 _FROM_CALL: Any = object()  # `log_value`'s default: the running call's flag
@@ -52,9 +53,20 @@ class StatefulLayer(keras.layers.Layer):
     effect in an already compiled `fit` (from a callback too) and is saved
     with the model.
 
+    **Gradient accumulation:** with `accumulation_steps=N` a layer that
+    declares its sufficient statistics (`add_statistic` in `build`, then
+    `accumulate` in `call`) adds them up over `N` micro-batches and updates
+    its state once per window, from the whole effective batch, as an
+    optimizer with `gradient_accumulation_steps=N` updates the weights
+    (`keras_stateful.set_accumulation_steps(model)` sets it from the
+    optimizer). A layer that declares none keeps updating on every
+    micro-batch.
+
     Args:
         guard_non_finite: Whether to skip (and count) updates whose new value
             is not finite. Defaults to `True`.
+        accumulation_steps: Micro-batches per state update, for layers that
+            declare statistics. Defaults to `1` (every training call).
         **kwargs: Standard `keras.layers.Layer` arguments (`name`, `dtype`,
             `trainable`, ...).
 
@@ -78,9 +90,17 @@ class StatefulLayer(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, *, guard_non_finite: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        guard_non_finite: bool = True,
+        accumulation_steps: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.guard_non_finite = bool(guard_non_finite)
+        self.accumulation_steps = _check_accumulation_steps(accumulation_steps, self)
+        self._window = accumulation.Window()
         self._state_variables: list[keras.Variable] = []
         self._state_initializers: dict[int, Any] = {}
         self._state_updates_enabled = self.add_weight(
@@ -189,6 +209,76 @@ class StatefulLayer(keras.layers.Layer):
         Defaults to a context that changes nothing.
         """
         return contextlib.nullcontext()
+
+    # ------------------------------------------------------ accumulation
+
+    def add_statistic(
+        self, name: str, shape: Sequence[int] = (), *, kind: str = "sum"
+    ) -> None:
+        """Declare a sufficient statistic of the update (in `build`).
+
+        With `accumulation_steps > 1` it gets an accumulator (state named
+        `accumulated_<name>`, float32) that `accumulate` adds each
+        micro-batch to; with 1 nothing is created.
+
+        Args:
+            name: The key the statistic has in `accumulate`'s dict.
+            shape: Its shape. Defaults to `()`.
+            kind: How micro-batches combine: `"sum"` (counts, sums), `"min"`
+                or `"max"` (ranges). Defaults to `"sum"`. `accumulate` may
+                also be given a `merge` function for statistics that do not
+                simply add (e.g. moments merged with Chan's method).
+        """
+        self._window.declare(name, tuple(shape), kind)
+        if self.accumulation_steps > 1:
+            self._window.create(self)
+
+    def accumulate(
+        self,
+        statistics: dict[str, Tensor],
+        *,
+        training: bool | Tensor | None,
+        merge: Any = None,
+    ) -> dict[str, Tensor]:
+        """This micro-batch's statistics merged into its window's.
+
+        Call it under `may_update(training)`, then compute the new state from
+        what it returns and commit it as usual: with `accumulation_steps=1`
+        it returns `statistics` unchanged; otherwise the window's statistics
+        so far, this micro-batch included, and the next `commit_state` of
+        this call stores the state only at the window's last micro-batch
+        (and the accumulators always).
+
+        Args:
+            statistics: The statistics declared with `add_statistic`, as
+                tensors of their shapes (already reduced over replicas).
+            training: The call's `training` argument.
+            merge: `None` to combine each statistic by its kind, or
+                `merge(window, batch) -> dict` for all of them together.
+                Defaults to `None`.
+
+        Returns:
+            The statistics to compute the update from.
+        """
+        if self.accumulation_steps == 1 or not self.may_update(training):
+            return statistics
+        return self._window.merge(statistics, self.accumulation_steps, merge)
+
+    @property
+    def window_step_variable(self) -> keras.Variable | None:
+        """The micro-batch counter of the open window (None without accumulation)."""
+        return self._window.step
+
+    def set_accumulation_steps(self, n: int) -> None:
+        """Set `accumulation_steps`, creating the accumulators if needed.
+
+        Call it before training with it (after `compile`, before `fit`);
+        `keras_stateful.set_accumulation_steps(model)` does it for a model.
+        """
+        self.accumulation_steps = _check_accumulation_steps(n, self)
+        if self.accumulation_steps > 1 and self._window.specs:
+            with _backend.new_state_allowed(self):
+                self._window.create(self)
 
     # ------------------------------------------------------------ logged values
 
@@ -344,24 +434,41 @@ class StatefulLayer(keras.layers.Layer):
         gate = self._update_gate(training)
         if gate is None:
             return
+        window, self._window.pending = self._window.pending, None
         new_values = []
         for variable, _, value in checked:
             value = ops.stop_gradient(ops.cast(value, variable.dtype))
             _backend.check_assignable(value, self.name)
             new_values.append(value)
+        when = gate if window is None else ops.logical_and(gate, window.closes)
+        skipped = None
         if self.guard_non_finite:
             finite = _all_finite(new_values)
             if finite is not None:
-                self._skipped_updates.assign(
-                    next_count(
-                        self._skipped_updates,
-                        ops.cast(
-                            ops.logical_and(gate, ops.logical_not(finite)), "int32"
-                        ),
-                    )
-                )
-                gate = ops.logical_and(gate, finite)
-        for (variable, indices, _), value in zip(checked, new_values, strict=True):
+                skipped = ops.logical_and(when, ops.logical_not(finite))
+                when = ops.logical_and(when, finite)
+        if window is not None:
+            dropped = ops.logical_and(gate, ops.logical_not(window.finite))
+            skipped = dropped if skipped is None else ops.logical_or(skipped, dropped)
+            self._write(self._window.next_values(window), gate)
+        if skipped is not None:
+            self._skipped_updates.assign(
+                next_count(self._skipped_updates, ops.cast(skipped, "int32"))
+            )
+        self._write(
+            [
+                (v, i, value)
+                for (v, i, _), value in zip(checked, new_values, strict=True)
+            ],
+            when,
+        )
+
+    def _write(self, updates: Sequence[tuple[Any, ...]], gate: Tensor) -> None:
+        """Store each new value where `gate` holds, else keep the old one."""
+        for update in updates:
+            variable, *rest = update
+            indices = rest[0] if len(rest) == 2 else None
+            value = ops.cast(rest[-1], variable.dtype)
             if indices is None:
                 old = _backend.read_value(variable)
                 _backend.assign(variable, ops.where(gate, value, old))
@@ -397,11 +504,16 @@ class StatefulLayer(keras.layers.Layer):
         self.commit_state(*updates, training=_backend.current_training_flag())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._window.pending = None  # what `accumulate` notes lives one call
         with _backend.protect_state_reads(self):
             return super().__call__(*args, **kwargs)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "guard_non_finite": self.guard_non_finite}
+        return {
+            **super().get_config(),
+            "guard_non_finite": self.guard_non_finite,
+            "accumulation_steps": self.accumulation_steps,
+        }
 
     # --------------------------------------------------------------- helpers
 
@@ -518,3 +630,15 @@ def _all_finite(values: list[Tensor]) -> Tensor | None:
     for check in checks[1:]:
         finite = ops.logical_and(finite, check)
     return finite
+
+
+def _check_accumulation_steps(n: Any, layer: keras.layers.Layer) -> int:
+    """`n` as an int >= 1, or a clear error."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(
+            f"Layer '{layer.name}': accumulation_steps must be an int >= 1 (the "
+            f"micro-batches per optimizer step); received {n!r}. Write e.g. "
+            "`accumulation_steps=4`, or `keras_stateful.set_accumulation_steps"
+            "(model)` to take the optimizer's gradient_accumulation_steps."
+        )
+    return int(n)

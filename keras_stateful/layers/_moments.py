@@ -4,6 +4,7 @@ exact merge into running ones, and the exponential moving average."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 from keras import ops
@@ -162,6 +163,48 @@ def merge_moments(
     m2 = count * variance + batch_m2 + ops.square(delta) * count * weight
     new_variance = ops.maximum(m2 / ops.maximum(total, 1e-30), 0.0)
     return total, new_mean, new_correction, new_variance
+
+
+MOMENTS = ("count", "shift", "mean_offset", "m2")
+
+
+def add_moment_statistics(layer: Any, shape: tuple[int, ...]) -> None:
+    """Declare `batch_moments`' results as the layer's statistics (in build)."""
+    for name in MOMENTS:
+        layer.add_statistic(name, shape)
+
+
+def moments_by_name(
+    moments: tuple[Tensor, ...], shape: tuple[int, ...]
+) -> dict[str, Tensor]:
+    """`batch_moments`' results by name, reshaped to the per-feature `shape`."""
+    return {k: ops.reshape(v, shape) for k, v in zip(MOMENTS, moments, strict=True)}
+
+
+def merge_batch_moments(
+    window: dict[str, Tensor], batch: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Two sets of `batch_moments` results as one, exactly (Chan et al.).
+
+    Each is `{count, shift, mean_offset, m2}`; an empty window has all
+    zeros. The merged mean is again a pair (`shift + mean_offset`).
+    """
+    count, mean, correction, variance = merge_moments(
+        window["count"],
+        window["shift"],
+        window["mean_offset"],
+        window["m2"] / ops.maximum(window["count"], 1e-30),
+        batch["count"],
+        batch["shift"],
+        batch["mean_offset"],
+        batch["m2"],
+    )
+    return {
+        "count": count,
+        "shift": mean,
+        "mean_offset": correction,
+        "m2": variance * count,
+    }
 
 
 def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

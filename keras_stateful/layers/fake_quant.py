@@ -221,6 +221,8 @@ class FakeQuant(StatefulLayer):
         self.min_val = self.add_state("min_val", shape)
         self.max_val = self.add_state("max_val", shape)
         self.observations = self.add_state("observations", (), dtype="int32")
+        self.add_statistic("min", shape, kind="min")
+        self.add_statistic("max", shape, kind="max")
 
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
         if 0 in tuple(inputs.shape):
@@ -259,8 +261,14 @@ class FakeQuant(StatefulLayer):
             reduce = tuple(i for i in range(self._rank) if i != self._channel_axis)
             batch_min = ops.min(observed, axis=reduce)
             batch_max = ops.max(observed, axis=reduce)
-        batch_min = distributed.cross_replica_min(batch_min)
-        batch_max = distributed.cross_replica_max(batch_max)
+        window = self.accumulate(
+            {
+                "min": distributed.cross_replica_min(batch_min),
+                "max": distributed.cross_replica_max(batch_max),
+            },
+            training=training,
+        )
+        batch_min, batch_max = window["min"], window["max"]
         first = _backend.read_value(self.observations) == 0
         self.commit_state(
             (self.min_val, self._moving(self.min_val, batch_min, first)),

@@ -86,6 +86,8 @@ class MovingAverage(StatefulLayer):
         if self.zero_debias:
             self.hidden = self.add_state("hidden", feature_shape)
         self.counter = self.add_state("counter", (), dtype="int32")
+        self.add_statistic("sum", feature_shape)
+        self.add_statistic("count")
 
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
         if not self.may_update(training):
@@ -96,7 +98,10 @@ class MovingAverage(StatefulLayer):
         batch_size = distributed.cross_replica_sum(
             ops.cast(ops.shape(inputs)[0], "float32")
         )
-        batch_mean = batch_sum / batch_size
+        totals = self.accumulate(
+            {"sum": batch_sum, "count": batch_size}, training=training
+        )
+        batch_mean = totals["sum"] / totals["count"]
         counter = next_count(self.counter)
         momentum = ops.convert_to_tensor(self.momentum, "float32")
         if self.zero_debias:

@@ -10,7 +10,14 @@ import keras
 from keras import ops
 
 from keras_stateful.layers import _checks
-from keras_stateful.layers._moments import batch_moments, ema, feature_shape
+from keras_stateful.layers._moments import (
+    add_moment_statistics,
+    batch_moments,
+    ema,
+    feature_shape,
+    merge_batch_moments,
+    moments_by_name,
+)
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -121,6 +128,7 @@ class MovingMoments(StatefulLayer):
             self.mean_hidden = self.add_state("mean_hidden", shape)
             self.variance_hidden = self.add_state("variance_hidden", shape)
         self.counter = self.add_state("counter", (), dtype="int32")
+        add_moment_statistics(self, shape)
 
     def call(
         self,
@@ -131,12 +139,16 @@ class MovingMoments(StatefulLayer):
         if not self.may_update(training):
             return inputs
         reduce = [a for a in range(len(inputs.shape)) if a not in self._axes]
-        count, shift, mean_offset, m2 = batch_moments(inputs, reduce, mask)
-        mean = shift + mean_offset
+        moments = batch_moments(inputs, reduce, mask)
+        stats = self.accumulate(
+            moments_by_name(moments, self._feature_shape),
+            training=training,
+            merge=merge_batch_moments,
+        )
+        count = stats["count"]
+        mean = stats["shift"] + stats["mean_offset"]
         divisor = count - 1.0 if self.unbiased else count
-        variance = m2 / divisor
-        mean = ops.reshape(mean, self._feature_shape)
-        variance = ops.reshape(variance, self._feature_shape)
+        variance = stats["m2"] / divisor
 
         counter = next_count(self.counter)
         steps = ops.cast(counter, "float32")

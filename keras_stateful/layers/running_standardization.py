@@ -11,9 +11,13 @@ from keras import ops
 from keras_stateful import _backend
 from keras_stateful.layers import _checks
 from keras_stateful.layers._moments import (
+    MOMENTS,
+    add_moment_statistics,
     batch_moments,
     feature_shape,
+    merge_batch_moments,
     merge_moments,
+    moments_by_name,
 )
 from keras_stateful.stateful_layer import StatefulLayer
 from keras_stateful.types import Tensor
@@ -121,6 +125,7 @@ class RunningStandardization(StatefulLayer):
         self.mean = self.add_state("mean", shape)
         self.mean_correction = self.add_state("mean_correction", shape)
         self.variance = self.add_state("variance", shape, "ones")
+        add_moment_statistics(self, shape)
 
     def call(
         self,
@@ -134,26 +139,27 @@ class RunningStandardization(StatefulLayer):
         if self.may_update(training):
             count = _backend.read_value(self.count)
             mean = _backend.read_value(self.mean)
-            batch_count, shift, mean_offset, batch_m2 = batch_moments(
+            moments = batch_moments(
                 inputs,
                 reduce,
                 mask,
                 shift=ops.reshape(mean, kept),
                 shift_valid=ops.reshape(count > 0, kept),
             )
+            batch = self.accumulate(
+                moments_by_name(moments, self._feature_shape),
+                training=training,
+                merge=merge_batch_moments,
+            )
             # The running mean is `mean + mean_correction` (a float32 pair:
             # float32 alone rounds a mean near 1e6 to 0.06, which would bias
             # the merged variance).
-            features = self._feature_shape
             total, new_mean, new_correction, new_variance = merge_moments(
                 count,
                 mean,
                 _backend.read_value(self.mean_correction),
                 _backend.read_value(self.variance),
-                ops.reshape(batch_count, features),
-                ops.reshape(shift, features),
-                ops.reshape(mean_offset, features),
-                ops.reshape(batch_m2, features),
+                *(batch[k] for k in MOMENTS),
             )
             self.commit_state(
                 (self.count, total),

@@ -250,6 +250,8 @@ class VectorQuantizerEMA(StatefulLayer):
                 initializer=seed_initializer,
                 dtype=_backend.SEED_DTYPE,
             )
+        self.add_statistic("counts", (codes,))
+        self.add_statistic("sums", (codes, dim))
 
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
         shape = tuple(inputs.shape)
@@ -290,7 +292,11 @@ class VectorQuantizerEMA(StatefulLayer):
         batch = ops.shape(inputs)[0]
         self._log(counts, loss, batch)
         if updating:
-            self._update(distributed.cross_replica_sum(sums), counts, flat, training)
+            window = self.accumulate(
+                {"counts": counts, "sums": distributed.cross_replica_sum(sums)},
+                training=training,
+            )
+            self._update(window["sums"], window["counts"], flat, training)
         return ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
