@@ -61,7 +61,18 @@ def data():
     return x, y, target
 
 
+#: Micro-batches per state update (`ACCUMULATE=2` in the environment): every
+#: stateful layer accumulates its statistics over that many batches.
+ACCUMULATE = int(os.environ.get("ACCUMULATE", "1"))
+
+
 def build_model():
+    model = build_layers()
+    keras_stateful.set_accumulation_steps(model, ACCUMULATE)
+    return model
+
+
+def build_layers():
     seed = keras.initializers.RandomNormal(seed=1)
     features = keras.Input((FEATURES,), name="features")
     labels = keras.Input((), dtype="int32", name="labels")

@@ -100,18 +100,27 @@ def test_inference_never_reduces_across_replicas(monkeypatch):
     assert set(calls) == set(REDUCTIONS)
 
 
+ACCUMULATE = pytest.mark.parametrize(
+    "accumulate", ["1", "2"], ids=["per-batch", "accumulating-2"]
+)
+
+
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
-def test_jax_data_parallel_on_four_devices_matches_one_device(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
-    parallel = run_worker("jax-data-parallel", tmp_path / "parallel.npz")
+@ACCUMULATE
+def test_jax_data_parallel_on_four_devices_matches_one_device(tmp_path, accumulate):
+    env = {"ACCUMULATE": accumulate}
+    single = run_worker("single", tmp_path / "single.npz", **env)
+    parallel = run_worker("jax-data-parallel", tmp_path / "parallel.npz", **env)
     assert parallel.keys() == single.keys()
     assert_same_state(single, parallel, "DataParallel(4 CPU devices)")
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute on TensorFlow")
-def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
-    mirrored = run_worker("tf-mirrored", tmp_path / "mirrored.npz")
+@ACCUMULATE
+def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path, accumulate):
+    env = {"ACCUMULATE": accumulate}
+    single = run_worker("single", tmp_path / "single.npz", **env)
+    mirrored = run_worker("tf-mirrored", tmp_path / "mirrored.npz", **env)
     replicas = {path.split("@")[1] for path in mirrored if "@" in path}
     assert replicas == {"0", "1"}, "each replica's copy must be checked"
     assert_same_state(single, mirrored, "MirroredStrategy(2 CPU devices)")
@@ -142,8 +151,9 @@ def wait_for_ranks(ranks, logs, timeout):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed on PyTorch")
-def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path):
-    single = run_worker("torch-single", tmp_path / "single.npz")
+@ACCUMULATE
+def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path, accumulate):
+    single = run_worker("torch-single", tmp_path / "single.npz", ACCUMULATE=accumulate)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = str(probe.getsockname()[1])
@@ -169,6 +179,7 @@ def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path):
                 "GLOO_SOCKET_IFNAME": "lo",
                 "RANK": str(rank),
                 "WORLD_SIZE": "2",
+                "ACCUMULATE": accumulate,
             },
             stdout=subprocess.DEVNULL,
             # A file, not a pipe: a full pipe would block a rank while we poll.
