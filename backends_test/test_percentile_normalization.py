@@ -5,12 +5,18 @@ batch, moves `lo` and `hi` by `rate`, zero-debiases as Haiku's
 `ExponentialMovingAverage` does, and normalises with the updated `lo` and `hi`.
 """
 
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-from backends_test.conftest import state_of, value_of
+from backends_test.conftest import BACKEND, state_of, value_of
 from keras_stateful.layers import PercentileNormalization
 from keras_stateful.layers.percentile_normalization import percentiles
 from keras_stateful.testing import check_state_contract
@@ -252,3 +258,29 @@ def test_config_round_trip():
 def test_state_contract(debias, rng):
     x = (rng.normal(size=(8, 5)) * 4 + 3).astype("float32")
     check_state_contract(lambda: PercentileNormalization(rate=0.3, debias=debias), x)
+
+
+def test_policy_gradient_example_learns(tmp_path):
+    """examples/percentile_returns.py: REINFORCE on normalised returns improves."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    script = root / "examples" / "percentile_returns.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--iterations=15"],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "KERAS_BACKEND": BACKEND,
+            "PYTHONPATH": os.pathsep.join(
+                [str(root), os.environ.get("PYTHONPATH", "")]
+            ),
+        },
+        timeout=300,
+        check=True,
+    )
+    assert f"backend: {BACKEND}" in result.stdout
+    first = float(
+        re.search(r"iteration   0  mean episode return +(\S+)", result.stdout)[1]
+    )
+    final = float(re.search(r"final mean episode return (\S+)", result.stdout)[1])
+    assert first < 100 and final > 400, result.stdout
