@@ -306,3 +306,25 @@ def test_state_contract_sampled_negatives(rng):
     check_state_contract(
         lambda: MemoryBank(N, 0.3, num_negatives=5, seed=4), contract_inputs(rng)
     )
+
+
+def test_guide_examples_run_and_do_what_they_say():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    guide = (root / "docs" / "memory-bank.md").read_text()
+    whole, sampled = re.findall(r"```python\n(.*?)```", guide, re.S)
+    namespace = {}
+    exec(compile(whole, "memory-bank.md", "exec"), namespace)
+    assert value_of(namespace["logits"]).shape == (32, 1000)
+    assert np.isfinite(value_of(namespace["loss"]))
+    memory, features = value_of(namespace["memory"]), value_of(namespace["features"])
+    moved = 0.5 * memory[:32] + 0.5 * features
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    bank = value_of(namespace["memory_bank"].bank)
+    np.testing.assert_allclose(bank[:32], moved, atol=1e-6)
+    np.testing.assert_array_equal(bank[32:], memory[32:])
+    exec(compile(sampled, "memory-bank.md", "exec"), namespace)
+    assert value_of(namespace["negatives"]).shape == (256, 128)
+    assert value_of(namespace["negative_logits"]).shape == (32, 256)

@@ -284,3 +284,28 @@ def test_policy_gradient_example_learns(tmp_path):
     )
     final = float(re.search(r"final mean episode return (\S+)", result.stdout)[1])
     assert first < 100 and final > 400, result.stdout
+
+
+def test_guide_examples_run_and_do_what_they_say(rng):
+    root = pathlib.Path(__file__).resolve().parent.parent
+    guide = (root / "docs" / "return-normalization.md").read_text()
+    first, loss_layer = re.findall(r"```python\n(.*?)```", guide, re.S)
+    namespace = {}
+    exec(compile(first, "return-normalization.md", "exec"), namespace)
+    returns = namespace["returns"]
+    np.testing.assert_allclose(namespace["lo"], np.percentile(returns, 5), rtol=1e-5)
+    np.testing.assert_allclose(namespace["hi"], np.percentile(returns, 95), rtol=1e-5)
+    np.testing.assert_allclose(
+        value_of(namespace["evaluation"]), value_of(namespace["scaled"]), rtol=1e-6
+    )
+    # The loss layer: -log pi(a) * (normalised return - its batch mean).
+    exec(compile(loss_layer, "return-normalization.md", "exec"), namespace)
+    logits = rng.normal(size=(6, 2)).astype("float32")
+    actions = np.array([0, 1, 1, 0, 1, 0], "int32")
+    normalized = rng.normal(size=(6, 1)).astype("float32")
+    got = namespace["PolicyGradientLoss"]()(logits, actions, normalized)
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -log_probs[np.arange(6), actions] * (
+        normalized[:, 0] - normalized.mean()
+    )
+    np.testing.assert_allclose(value_of(got), expected, rtol=1e-5, atol=1e-6)

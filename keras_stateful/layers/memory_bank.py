@@ -29,8 +29,8 @@ class MemoryBank(StatefulLayer):
       `normalize(v) = v / max(||v||, 1e-12)`
 
     as lemniscate.pytorch's `LinearAverage` does. Only the rows of the ids in
-    the batch are computed and written (`O(B * D)`, like `CenterLoss`), so a
-    step costs the same for 10,000 or 1,281,167 samples.
+    the batch are computed and written, like `CenterLoss`'s: the update costs
+    `O(B * D)` whatever `num_samples` is.
 
     **Duplicate ids.** When an id appears more than once in the batch, `f_i`
     is the mean of its features there, and the row moves once: `v_i =
