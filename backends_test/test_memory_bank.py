@@ -248,6 +248,7 @@ def test_empty_batch_returns_the_bank_and_moves_nothing():
     "kwargs, message",
     [
         ({"num_samples": 0}, r"num_samples must be an int >= 1.*num_samples=0"),
+        ({"num_samples": True}, r"num_samples must be an int >= 1.*num_samples=True"),
         (
             {"num_samples": 10.0},
             r"num_samples must be an int >= 1.*MemoryBank\(50000\)",
@@ -260,6 +261,15 @@ def test_empty_batch_returns_the_bank_and_moves_nothing():
 def test_bad_arguments_say_what_to_write(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MemoryBank(**{"num_samples": N, **kwargs})
+
+
+def test_bad_argument_message_in_full():
+    with pytest.raises(ValueError) as error:
+        MemoryBank(2.5)
+    assert str(error.value) == (
+        "MemoryBank: num_samples must be an int >= 1 (one row per training "
+        "sample); received num_samples=2.5. Write e.g. `MemoryBank(50000)`."
+    )
 
 
 def test_bad_inputs_say_how_to_call(rng):

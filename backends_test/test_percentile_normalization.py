@@ -221,6 +221,8 @@ def test_compiled_fit_matches_numpy(rng):
     "kwargs, message",
     [
         ({"rate": 0.0}, r"rate must be in \(0, 1\].*received rate=0.0"),
+        ({"rate": True}, r"rate must be in \(0, 1\].*received rate=True"),
+        ({"debias": "yes"}, r"debias must be True or False; received debias='yes'"),
         ({"rate": 1.5}, r"rate must be in \(0, 1\].*rate=0.01"),
         ({"limit": 0.0}, r"limit must be > 0.*received limit=0.0"),
         ({"low": -1}, r"low must be in \[0, 100\].*received low=-1"),

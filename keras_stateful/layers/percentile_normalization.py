@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_stateful import _backend, distributed
@@ -140,8 +141,8 @@ class PercentileNormalization(StatefulLayer):
                 f"{layer}: low must be below high (both percents); received "
                 f"low={low!r}, high={high!r}. Write e.g. `{layer}(low=5, high=95)`."
             )
-        self.debias = bool(debias)
-        self.scale_only = bool(scale_only)
+        self.debias = _switch(debias, "debias")
+        self.scale_only = _switch(scale_only, "scale_only")
         self.lo = None
         self.hi = None
         self.lo_hidden = None
@@ -211,6 +212,16 @@ class PercentileNormalization(StatefulLayer):
             "debias": self.debias,
             "scale_only": self.scale_only,
         }
+
+
+def _switch(value: Any, name: str) -> bool:
+    """`value` if it is a bool (a string such as `"no"` would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"PercentileNormalization: {name} must be True or False; received "
+            f"{name}={value!r}. Write e.g. `PercentileNormalization({name}=True)`."
+        )
+    return bool(value)
 
 
 def _global_elements(x: Tensor) -> tuple[Tensor, Tensor | None]:
