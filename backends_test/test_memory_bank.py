@@ -60,6 +60,8 @@ def test_matches_linear_average_over_steps(momentum, duplicates, rng):
         np.testing.assert_allclose(
             value_of(layer.bank), reference.bank, rtol=1e-5, atol=1e-6
         )
+        written = value_of(layer.bank)[np.unique(ids)]
+        np.testing.assert_allclose(np.linalg.norm(written, axis=1), 1.0, rtol=1e-6)
 
 
 def test_default_bank_is_lemniscates_uniform_with_rows_near_unit_norm():
@@ -242,6 +244,7 @@ def test_empty_batch_returns_the_bank_and_moves_nothing():
     np.testing.assert_array_equal(value_of(memory), before["bank"])
     for name, value in state_of(layer).items():
         np.testing.assert_array_equal(value, before[name])
+    assert layer.skipped_updates == 0
 
 
 @pytest.mark.parametrize(

@@ -170,6 +170,7 @@ def test_empty_batch_moves_nothing(rng):
     assert tuple(out.shape) == (0, 2)
     for name, value in state_of(layer).items():
         np.testing.assert_array_equal(value, before[name])
+    assert layer.skipped_updates == 0
 
 
 def test_gradient_is_one_over_the_scale(rng):
