@@ -215,6 +215,14 @@ def check_memory_queue(ns):
     np.testing.assert_allclose(logits[:, 1:], -1e4 / 0.07, rtol=1e-6)
 
 
+def check_memory_bank(ns):
+    memory, features = value_of(ns["memory"]), value_of(ns["features"])
+    assert memory.shape == (50000, 128) and value_of(ns["logits"]).shape == (8, 50000)
+    moved = 0.5 * memory[100:108] + 0.5 * features
+    moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    np.testing.assert_allclose(value_of(ns["bank"].bank)[100:108], moved, atol=1e-6)
+
+
 def check_moving_average(ns):
     np.testing.assert_allclose(value_of(ns["layer"].average), [1.0] * 3, rtol=1e-6)
 
@@ -223,6 +231,13 @@ def check_moving_moments(ns):
     moments = ns["moments"]
     np.testing.assert_allclose(value_of(moments.moving_mean), [0.3] * 4, atol=0.05)
     np.testing.assert_allclose(value_of(moments.moving_variance), [1.3] * 4, atol=0.1)
+
+
+def check_percentile_normalization(ns):
+    norm = ns["norm"]
+    assert (float(value_of(norm.lo)), float(value_of(norm.hi))) == (2.5, 47.5)
+    expected = (ns["returns"] - 2.5) / 45
+    np.testing.assert_allclose(value_of(ns["scaled"]), expected, rtol=1e-6)
 
 
 def check_running_standardization(ns):
@@ -270,9 +285,11 @@ CHECKS = {
     "keras_stateful.testing.check_state_contract": check_state_contract_example,
     "keras_stateful.layers.CenterLoss": check_center_loss,
     "keras_stateful.layers.FakeQuant": check_fake_quant,
+    "keras_stateful.layers.MemoryBank": check_memory_bank,
     "keras_stateful.layers.MemoryQueue": check_memory_queue,
     "keras_stateful.layers.MovingAverage": check_moving_average,
     "keras_stateful.layers.MovingMoments": check_moving_moments,
+    "keras_stateful.layers.PercentileNormalization": check_percentile_normalization,
     "keras_stateful.layers.RunningStandardization": check_running_standardization,
     "keras_stateful.layers.VectorQuantizerEMA": check_vector_quantizer,
 }

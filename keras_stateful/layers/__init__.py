@@ -2,18 +2,22 @@
 
 from keras_stateful.layers.center_loss import CenterLoss
 from keras_stateful.layers.fake_quant import FakeQuant
+from keras_stateful.layers.memory_bank import MemoryBank
 from keras_stateful.layers.memory_queue import MemoryQueue
 from keras_stateful.layers.moving_average import MovingAverage
 from keras_stateful.layers.moving_moments import MovingMoments
+from keras_stateful.layers.percentile_normalization import PercentileNormalization
 from keras_stateful.layers.running_standardization import RunningStandardization
 from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 
 __all__ = [
     "CenterLoss",
     "FakeQuant",
+    "MemoryBank",
     "MemoryQueue",
     "MovingAverage",
     "MovingMoments",
+    "PercentileNormalization",
     "RunningStandardization",
     "VectorQuantizerEMA",
 ]
