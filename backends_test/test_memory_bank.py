@@ -9,9 +9,9 @@ import keras
 import numpy as np
 import pytest
 
-from backends_test.conftest import BACKEND, state_of, value_of
+from backends_test.helpers import BACKEND, value_of
 from keras_stateful.layers import MemoryBank
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 
 N, D = 12, 4
 
@@ -109,10 +109,10 @@ def test_inference_returns_the_bank_and_moves_nothing(rng):
     layer = built_bank(num_negatives=3)
     features = rng.normal(size=(4, D)).astype("float32")
     ids = np.arange(4, dtype="int32")
-    before = state_of(layer)
+    before = state_snapshot(layer)
     first = [value_of(t) for t in layer([features, ids])]
     second = [value_of(t) for t in layer([features, ids], training=False)]
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
     # No update: the same draw from the same seed.
     np.testing.assert_array_equal(first[1], second[1])
@@ -188,8 +188,10 @@ def test_saved_model_draws_the_same_negatives(tmp_path, rng):
     path = tmp_path / "bank.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
-    for name, value in state_of(bank).items():
-        np.testing.assert_array_equal(state_of(loaded.get_layer("bank"))[name], value)
+    for name, value in state_snapshot(bank).items():
+        np.testing.assert_array_equal(
+            state_snapshot(loaded.get_layer("bank"))[name], value
+        )
     expected = value_of(bank([features, ids], training=True)[1])
     got = value_of(loaded.get_layer("bank")([features, ids], training=True)[1])
     np.testing.assert_array_equal(got, expected)
@@ -221,28 +223,28 @@ def test_out_of_range_ids_in_compiled_fit_update_nothing_and_are_counted(rng):
     np.testing.assert_allclose(
         value_of(layer.bank), reference.bank, rtol=1e-5, atol=1e-6
     )
-    assert state_of(layer)["out_of_range_ids"] == 2
+    assert state_snapshot(layer)["out_of_range_ids"] == 2
 
 
 def test_non_finite_features_update_nothing_and_are_counted(rng):
     layer = built_bank(num_negatives=2)
     features, ids = next(batches(rng, steps=1))
     features[1, 2] = np.nan
-    before = state_of(layer)
+    before = state_snapshot(layer)
     layer([features, ids], training=True)
     assert layer.skipped_updates == 1
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
 
 
 def test_empty_batch_returns_the_bank_and_moves_nothing():
     layer = built_bank()
-    before = state_of(layer)
+    before = state_snapshot(layer)
     memory = layer(
         [np.zeros((0, D), "float32"), np.zeros((0,), "int32")], training=True
     )
     np.testing.assert_array_equal(value_of(memory), before["bank"])
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
     assert layer.skipped_updates == 0
 

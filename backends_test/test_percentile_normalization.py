@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from keras import ops
 
-from backends_test.conftest import BACKEND, state_of, value_of
+from backends_test.helpers import BACKEND, value_of
 from keras_stateful.layers import PercentileNormalization
 from keras_stateful.layers.percentile_normalization import percentiles
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 
 
 class NumpyPercentileNormalization:
@@ -81,7 +81,7 @@ def test_matches_numpy_rule_over_steps(case, rng):
     for x in returns_batches(rng):
         out = layer(x, training=True)
         reference.step(x)
-        state = state_of(layer)
+        state = state_snapshot(layer)
         np.testing.assert_allclose(state["lo"], reference.lo, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(state["hi"], reference.hi, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(
@@ -130,14 +130,14 @@ def test_inference_uses_the_stored_range_and_moves_nothing(rng):
     layer = PercentileNormalization(rate=0.5)
     x = (rng.normal(size=(6, 4)) * 10).astype("float32")
     layer(x, training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     lo, hi = float(before["lo"]), float(before["hi"])
     for training in (False, None):
         out = layer(2 * x, training=training)
         np.testing.assert_allclose(
             value_of(out), (2 * x - lo) / max(1.0, hi - lo), rtol=1e-6
         )
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
 
 
@@ -154,21 +154,21 @@ def test_non_finite_batch_is_skipped_and_counted(bad, rng):
     layer = PercentileNormalization(rate=0.5)
     x = rng.normal(size=(4, 3)).astype("float32")
     layer(x, training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     x[2, 1] = bad
     layer(x, training=True)
     assert layer.skipped_updates == 1
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
 
 
 def test_empty_batch_moves_nothing(rng):
     layer = PercentileNormalization(rate=0.5, debias=True)
     layer(rng.normal(size=(3, 2)).astype("float32"), training=True)
-    before = state_of(layer)
+    before = state_snapshot(layer)
     out = layer(np.zeros((0, 2), "float32"), training=True)
     assert tuple(out.shape) == (0, 2)
-    for name, value in state_of(layer).items():
+    for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
     assert layer.skipped_updates == 0
 

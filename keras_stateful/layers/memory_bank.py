@@ -12,6 +12,7 @@ from keras import ops
 
 from keras_stateful import _backend, _torch_buffers, distributed
 from keras_stateful.layers import _checks
+from keras_stateful.layers._seeds import SeedValue
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -211,7 +212,7 @@ class MemoryBank(StatefulLayer):
 
     def _draw(self, seed: Tensor) -> Tensor:
         """`num_negatives` ids, uniform with replacement, from `seed` (no advance)."""
-        draw = keras.random.uniform((self.num_negatives,), seed=_SeedValue(seed))
+        draw = keras.random.uniform((self.num_negatives,), seed=SeedValue(seed))
         ids = ops.cast(ops.floor(draw * self.num_samples), "int32")
         return ops.minimum(ids, self.num_samples - 1)
 
@@ -365,13 +366,3 @@ class MemoryBank(StatefulLayer):
                     "to the size of the dataset or fix the ids."
                 )
         return ids
-
-
-class _SeedValue(keras.random.SeedGenerator):
-    """A seed given as a value: `keras.random` draws from it, nothing advances."""
-
-    def __init__(self, value: Tensor) -> None:  # no state variable of its own
-        self.value = value
-
-    def next(self, ordered: bool = True) -> Tensor:
-        return self.value

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_stateful import _backend, distributed, logged_values
 from keras_stateful.layers import _checks
+from keras_stateful.layers._seeds import SeedValue
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
@@ -419,7 +420,7 @@ class VectorQuantizerEMA(StatefulLayer):
             # Draw from the generator's current seed, and advance it only
             # with the update: a frozen or skipped step leaves it alone.
             seed = _backend.read_value(self.restart_seed)
-            draw = keras.random.uniform((self.num_embeddings,), seed=_SeedValue(seed))
+            draw = keras.random.uniform((self.num_embeddings,), seed=SeedValue(seed))
             next_seed = seed + ops.convert_to_tensor([0, 1], dtype=seed.dtype)
             picks = ops.minimum(
                 ops.cast(ops.floor(draw * rows), "int32"),
@@ -466,13 +467,3 @@ class VectorQuantizerEMA(StatefulLayer):
             f"{shape}. Project them first, e.g. `keras.layers.Dense("
             f"{self.embedding_dim})(x)` or a 1x1 convolution.{hint}"
         )
-
-
-class _SeedValue(keras.random.SeedGenerator):
-    """A seed given as a value: `keras.random` draws from it, nothing advances."""
-
-    def __init__(self, value: Tensor) -> None:  # no state variable of its own
-        self.value = value
-
-    def next(self, ordered: bool = True) -> Tensor:
-        return self.value
