@@ -1,8 +1,12 @@
-"""AveragedModel against a NumPy replay of the student's weights and PyTorch's AveragedModel."""
+"""AveragedModel against a NumPy replay of the student and torch's AveragedModel."""
 
 import importlib.util
 import math
 import os
+import pathlib
+import re
+import subprocess
+import sys
 import tempfile
 
 import keras
@@ -14,6 +18,7 @@ from backends_test.conftest import state_of, value_of
 from keras_stateful.layers import AveragedModel
 from keras_stateful.testing import check_state_contract
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 9
 
 # name: (AveragedModel keyword arguments, NumPy replay keyword arguments)
@@ -82,7 +87,9 @@ def make_student(seed=0, batch_norm=True, dtype=None):
         layers.append(keras.layers.BatchNormalization(momentum=0.5, dtype=dtype))
     layers.append(
         keras.layers.Dense(
-            3, kernel_initializer=keras.initializers.GlorotUniform(seed + 1), dtype=dtype
+            3,
+            kernel_initializer=keras.initializers.GlorotUniform(seed + 1),
+            dtype=dtype,
         )
     )
     return keras.Sequential(layers)
@@ -155,7 +162,7 @@ def test_matches_torch_averaged_model(name, rng):
     from torch.optim.swa_utils import get_ema_multi_avg_fn
 
     options = SCHEDULES[name]
-    student, averaged, _, recorded = train_and_record(options, rng, batch_norm=False)
+    _, averaged, _, recorded = train_and_record(options, rng, batch_norm=False)
     module = torch.nn.ParameterList(
         [torch.nn.Parameter(torch.tensor(w)) for w in recorded[0]]
     )
@@ -237,13 +244,16 @@ def test_no_gradient_reaches_the_student_through_the_average(rng):
     student = make_student(batch_norm=False)
     averaged = AveragedModel(student, decay=0.5)
     inputs = keras.Input((4,))
-    model = keras.Model(inputs, averaged(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    other = keras.layers.Dense(3)  # something to train beside the average
+    model = keras.Model(inputs, [averaged(inputs), other(inputs)])
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss=["mse", "mse"])
     before = numbers(student.trainable_variables)
     x = rng.normal(size=(8, 4)).astype("float32")
-    model.fit(x, np.ones((8, 3), "float32"), batch_size=4, verbose=0)
+    y = np.ones((8, 3), "float32")
+    model.fit(x, [y, y], batch_size=4, verbose=0)
     for value, after in zip(before, numbers(student.trainable_variables), strict=True):
         np.testing.assert_array_equal(value, after)
+    assert state_of(averaged)["num_updates"] == 2
 
 
 @pytest.mark.parametrize("jit_compile", ["auto", False])
@@ -330,12 +340,16 @@ def test_custom_training_loop_with_stateless_call(rng):
     x = rng.normal(size=(4, 4)).astype("float32")
     for _ in range(4):
         recorded.append([value_of(v) for v in trainable])
-        _, non_trainable = model.stateless_call(trainable, non_trainable, x, training=True)
+        _, non_trainable = model.stateless_call(
+            trainable, non_trainable, x, training=True
+        )
         trainable = [v * 0.9 + 0.05 for v in trainable]  # a made-up optimizer step
     expected, _ = numpy_replay(
         recorded[0], recorded, {"decay": 0.6}, [True] * len(recorded[0])
     )
-    by_id = dict(zip(map(id, model.non_trainable_variables), non_trainable, strict=True))
+    by_id = dict(
+        zip(map(id, model.non_trainable_variables), non_trainable, strict=True)
+    )
     for average, reference in zip(averaged.averaged_variables, expected, strict=True):
         np.testing.assert_allclose(
             ops.convert_to_numpy(by_id[id(average)]), reference, rtol=1e-6, atol=1e-6
@@ -365,7 +379,7 @@ def test_float16_student_float32_average(rng):
 def test_mixed_float16_policy(rng):
     keras.config.set_dtype_policy("mixed_float16")
     try:
-        student, averaged, initial, recorded = train_and_record({"decay": 0.5}, rng)
+        _, averaged, initial, recorded = train_and_record({"decay": 0.5}, rng)
     finally:
         keras.config.set_dtype_policy("float32")
     assert {v.dtype for v in averaged.averaged_variables} == {"float32"}
@@ -378,9 +392,7 @@ def test_trainable_false_stops_updates_but_not_the_student(rng):
     student = make_student()
     averaged = AveragedModel(student, decay=0.5)
     averaged.trainable = False
-    assert student.trainable and all(
-        layer.trainable for layer in student.layers
-    )
+    assert student.trainable and all(layer.trainable for layer in student.layers)
     x = rng.normal(size=(4, 4)).astype("float32")
     averaged(x, training=True)
     assert state_of(averaged)["step"] == 0
@@ -436,3 +448,66 @@ def test_bad_arguments_say_what_to_write(kwargs, message):
 def test_not_a_layer_is_refused():
     with pytest.raises(TypeError, match=r"received function.*AveragedModel\(encoder\)"):
         AveragedModel(lambda x: x)
+
+
+def guide_blocks():
+    guide = (ROOT / "docs" / "weight-averaging.md").read_text()
+    return re.findall(r"```python\n(.*?)```", guide, re.S)
+
+
+def run_guide_block(marker):
+    (code,) = [block for block in guide_blocks() if marker in block]
+    namespace = {}
+    exec(compile(code, "docs/weight-averaging.md", "exec"), namespace)
+    return namespace
+
+
+def test_guide_callback_logs_the_averaged_models_validation_metrics():
+    ns = run_guide_block("class EvaluateAveragedModel")
+    accuracies = ns["history"].history["val_averaged_accuracy"]
+    assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies)
+    final = ns["averaged_model"].evaluate(ns["x"], ns["y"], verbose=0, return_dict=True)
+    np.testing.assert_allclose(accuracies[-1], final["accuracy"], rtol=1e-6)
+    assert state_of(ns["averaged"])["step"] == 3 * 8
+
+
+def test_guide_swa_recipe_recomputes_the_statistics_of_the_average():
+    ns = run_guide_block("keras_stateful.calibrate(swa_model")
+    swa, swa_model = ns["swa"], ns["swa_model"]
+    assert state_of(swa)["num_updates"] == 3  # steps 17, 33 and 49
+    kernel, bias = (value_of(v) for v in swa_model.layers[0].weights)
+    np.testing.assert_allclose(
+        value_of(kernel), value_of(swa.averaged_variables[0]), rtol=0
+    )
+    features = ns["x_train"].astype("float64") @ kernel + bias
+    np.testing.assert_allclose(
+        value_of(swa_model.layers[1].moving_mean),
+        features.mean(0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_moco_demo_runs(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "moco_digits.py"),
+            "--epochs=2",
+            f"--out={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            "KERAS_BACKEND": keras.backend.backend(),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT), os.environ.get("PYTHONPATH", "")]
+            ),
+        },
+        timeout=600,
+        check=True,
+    )
+    assert "key encoder updates: 18" in result.stdout  # 2 epochs of 9 batches
+    assert "MoCo v2 (no labels)" in result.stdout
+    assert (tmp_path / "moco_digits.png").stat().st_size > 10_000

@@ -121,10 +121,11 @@ class AveragedModel(StatefulLayer):
     student = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     teacher = keras_stateful.layers.AveragedModel(student, decay=0.9)
     x = np.ones((4, 3), "float32")
-    teacher(x, training=True)  # first update: the average is a copy
-    student.layers[0].kernel.assign(np.zeros((3, 2)))
-    teacher(x, training=True)  # averaged kernel: 0.9 * old kernel
-    teacher(x)  # the student's output with the averaged weights
+    kernel = keras.ops.convert_to_numpy(student.layers[0].kernel)
+    teacher(x, training=True)  # first update: a copy of the student
+    student.layers[0].kernel.assign(np.zeros((3, 2)))  # as an optimizer step would
+    teacher(x, training=True)  # averaged kernel: 0.9 * kernel + 0.1 * 0
+    outputs = teacher(x)  # the student's function with the averaged weights
     ```
 
     Reference:
@@ -270,7 +271,7 @@ class AveragedModel(StatefulLayer):
     def call(self, inputs: Any, training: bool | Tensor | None = None) -> Any:
         if self.may_update(training):
             self._update(training)
-        student_training = bool(self.training_mode and self.may_update(training))
+        student_training: Any = self.training_mode and self.may_update(training)
         if ops.is_tensor(training) and self.training_mode:
             student_training = training
         return self._averaged_forward(inputs, student_training)
@@ -316,7 +317,11 @@ class AveragedModel(StatefulLayer):
         return due, ops.where(due, ops.cast(weight, "float32"), 0.0)
 
     def _averaged(
-        self, average: keras.Variable, variable: keras.Variable, due: Tensor, weight: Tensor
+        self,
+        average: keras.Variable,
+        variable: keras.Variable,
+        due: Tensor,
+        weight: Tensor,
     ) -> Tensor:
         old = _backend.read_value(average)
         new = ops.cast(_backend.read_stored_value(variable), average.dtype)
