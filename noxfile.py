@@ -92,6 +92,7 @@ BENCH_SCRIPTS = [
     "benchmarks/memory_queue_scaling.py",
     "benchmarks/vector_quantizer_scaling.py",
     "benchmarks/native_comparison.py",
+    "benchmarks/averaged_model.py",
 ]
 
 
