@@ -56,6 +56,16 @@ def demo(session: nox.Session) -> None:
     run_on(session, backend, "python", "examples/center_loss_digits.py")
 
 
+@nox.session(default=False)
+def moco(session: nox.Session) -> None:
+    """MoCo v2 on digits: AveragedModel key encoder + MemoryQueue (JAX by default)."""
+    session.install("-e", ".[jax,demo]")
+    backend = os.environ.get("KERAS_BACKEND") or "jax"
+    if backend != "jax":
+        session.install("-e", f".[{backend}]")
+    run_on(session, backend, "python", "examples/moco_digits.py")
+
+
 # mkdocs-material prints a notice about MkDocs 2 on every build (its end of life
 # is May 2027; Zensical, its successor, reads the same mkdocs.yml).
 QUIET_MKDOCS = {"NO_MKDOCS_2_WARNING": "1"}
@@ -82,6 +92,7 @@ BENCH_SCRIPTS = [
     "benchmarks/memory_queue_scaling.py",
     "benchmarks/vector_quantizer_scaling.py",
     "benchmarks/native_comparison.py",
+    "benchmarks/averaged_model.py",
 ]
 
 

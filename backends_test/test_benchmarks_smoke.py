@@ -34,6 +34,7 @@ EXPECTED = {
         {"ratios", "D", "N"},
     ),
     "native_comparison": ({"part", "variant"}, {"ratios"}),
+    "averaged_model": ({"variant"}, {"ratios", "memory", "widths"}),
 }
 # "goals": every script writes its goals there ({} for none); the report reads them.
 COMMON = {"benchmark", "backend", "quick", "versions", "cpu", "cores", "date", "goals"}
@@ -112,6 +113,7 @@ def test_report_from_quick_results(quick_run):
         "## 3. MemoryQueue scaling",
         "## 4. VectorQuantizerEMA",
         "## 5. Against",
+        "## 6. AveragedModel",
     ):
         assert title in text
     assert "quick run" in text

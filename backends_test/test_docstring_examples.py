@@ -223,6 +223,17 @@ def check_memory_bank(ns):
     np.testing.assert_allclose(value_of(ns["bank"].bank)[100:108], moved, atol=1e-6)
 
 
+def check_averaged_model(ns):
+    teacher, kernel = ns["teacher"], ns["kernel"]
+    np.testing.assert_allclose(
+        value_of(teacher.averaged_variables[0]), 0.9 * kernel, rtol=1e-6
+    )
+    bias = value_of(teacher.averaged_variables[1])
+    np.testing.assert_allclose(
+        value_of(ns["outputs"]), ns["x"] @ (0.9 * kernel) + bias, rtol=1e-5, atol=1e-6
+    )
+
+
 def check_moving_average(ns):
     np.testing.assert_allclose(value_of(ns["layer"].average), [1.0] * 3, rtol=1e-6)
 
@@ -273,6 +284,7 @@ def check_variables_snapshot(ns):
 
 
 CHECKS = {
+    "keras_stateful.layers.AveragedModel": check_averaged_model,
     "keras_stateful.evaluation_logging": check_logged_center_loss,
     "keras_stateful.read_logged_values": check_logged_center_loss,
     "keras_stateful.testing.state_snapshot": check_state_snapshot,

@@ -35,6 +35,7 @@ BENCHMARKS = {
     "memory_queue_scaling": "3. MemoryQueue scaling",
     "vector_quantizer_scaling": "4. VectorQuantizerEMA: time and peak memory",
     "native_comparison": "5. Against Keras's BatchNormalization and native code",
+    "averaged_model": "6. AveragedModel against the optimizer's use_ema",
 }
 
 
@@ -485,6 +486,54 @@ def native_headlines(ratios: dict) -> list[Headline]:
     ]
 
 
+def averaged_model(backend: str, record: dict) -> Section:
+    """Question 6: AveragedModel's step increment against use_ema's; memory."""
+    ratios, memory = record["ratios"], record["memory"]
+    increment = ratios["averaged_increment_over_use_ema"]
+    goal = Goal.of(record, "averaged_increment_over_use_ema")
+    copies_goal = Goal.of(record, "extra_float32_copies")
+    copies = memory["extra_float32_copies"]
+    rows = [[r["variant"], spread(r)] for r in record["results"]]
+    lines = [
+        *heading(backend, record),
+        f"{record.get('step', '?')}; batch {record.get('batch')}, MLP "
+        f"{record.get('widths')} ({memory['parameters']:,} parameters). Time in "
+        "ms, median (min–max).",
+        "",
+        *table(["variant", "ms"], rows),
+        "",
+        goal_line("increment (averaged − plain) ÷ (use_ema − plain)", increment, goal),
+        f"- averaged ÷ plain: {times(ratios['averaged_over_plain'])}, use_ema ÷ "
+        f"plain: {times(ratios['use_ema_over_plain'])}, teacher on the whole "
+        f"batch ÷ plain: {times(ratios['averaged_batch_over_plain'])}; the update "
+        f"alone: {ms(ratios['update_alone_s'])} ms",
+        f"- memory: the averaged copy is {copies:.3f} float32 copies of the MLP's "
+        f"variables ({copies_goal.check(copies)}); use_ema's copy: "
+        f"{memory['use_ema_copy_bytes']:,} bytes",
+    ]
+    if "foreach_lerp" in record:
+        lines.append(
+            "- timm-style `torch._foreach_lerp_` on the same tensors, alone: "
+            f"{spread(record['foreach_lerp'])} ms (for information)"
+        )
+    lines.append("")
+    heads = [
+        Headline.ratio(
+            "AveragedModel: step increment ÷ use_ema's (5M-parameter MLP)",
+            increment["median"],
+            "5M MLP",
+            goal,
+        ),
+        Headline(
+            "AveragedModel: extra float32 copies of the weights",
+            f"{copies:.3f}",
+            copies,
+            copies_goal,
+        ),
+    ]
+    return lines, heads
+
+
 # -------------------------------------------------------------- the report
 
 # benchmark: (its section on one backend, the alt text of its plot)
@@ -494,6 +543,7 @@ SECTIONS = {
     "memory_queue_scaling": (memory_queue, "MemoryQueue scaling"),
     "vector_quantizer_scaling": (vector_quantizer, "VectorQuantizerEMA scaling"),
     "native_comparison": (native, "native comparison"),
+    "averaged_model": (averaged_model, "AveragedModel step times"),
 }
 
 

@@ -221,6 +221,20 @@ def _quartiles(row: dict) -> tuple[float, float]:
     return min(q[0], row["median_s"]), max(q[2], row["median_s"])
 
 
+def averaged_model(records: dict[str, dict], path: pathlib.Path) -> None:
+    """Bars of the step time per variant, a panel per backend."""
+    fig, axes = figure(len(records))
+    for col, (backend, record) in enumerate(records.items()):
+        ax = axes[0][col]
+        rows = record["results"]
+        ax.bar(range(len(rows)), [1e3 * r["median_s"] for r in rows], color="tab:blue")
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels([r["variant"] for r in rows], rotation=30, ha="right")
+        ax.set_ylabel("ms per step")
+        ax.set_title(f"{NAMES[backend]}: AveragedModel")
+    save(fig, path)
+
+
 DRAWERS = {
     "update_overhead": update_overhead,
     "center_loss_scaling": functools.partial(
@@ -231,6 +245,7 @@ DRAWERS = {
     ),
     "vector_quantizer_scaling": vector_quantizer,
     "native_comparison": native,
+    "averaged_model": averaged_model,
 }
 
 

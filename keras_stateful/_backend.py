@@ -45,6 +45,16 @@ def read_value(variable: keras.Variable) -> Tensor:
     return value
 
 
+def read_stored_value(variable: keras.Variable) -> Tensor:
+    """`read_value` with autocasting off: the value in the variable's own dtype.
+
+    Inside a mixed-precision layer call a float32 variable reads as float16;
+    `AveragedModel` averages the student's weights as stored.
+    """
+    with AutocastScope(None):
+        return read_value(variable)
+
+
 def read_rows(variable: keras.Variable, indices: Tensor) -> Tensor:
     """`variable[indices]`, reading only those rows where the backend allows.
 

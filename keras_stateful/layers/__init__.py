@@ -1,5 +1,6 @@
 """The stateful layers of keras_stateful."""
 
+from keras_stateful.layers.averaged_model import AveragedModel
 from keras_stateful.layers.center_loss import CenterLoss
 from keras_stateful.layers.fake_quant import FakeQuant
 from keras_stateful.layers.memory_bank import MemoryBank
@@ -11,6 +12,7 @@ from keras_stateful.layers.running_standardization import RunningStandardization
 from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 
 __all__ = [
+    "AveragedModel",
     "CenterLoss",
     "FakeQuant",
     "MemoryBank",
