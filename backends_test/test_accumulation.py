@@ -186,3 +186,21 @@ def test_fit_with_gradient_accumulation_updates_once_per_optimizer_step(name):
     full_batch = one_layer_fit(name, None, N * B)
     assert accumulated.accumulation_steps == N
     assert_close_state(rule_state(accumulated), rule_state(full_batch), f"fit {name}")
+
+
+def test_averaged_model_steps_once_per_window():
+    """DINO's teacher: one EMA step per optimizer step, not per micro-batch."""
+    from keras_stateful.layers import AveragedModel
+
+    student = keras.layers.Dense(2, kernel_initializer="ones")
+    teacher = AveragedModel(student, decay=0.5, accumulation_steps=N)
+    x = windows(1)[0]
+    for micro in x:
+        teacher(micro, training=True)
+        student.kernel.assign(student.kernel * 2.0)  # an optimizer would wait
+    assert int(value_of(teacher.step)) == 1
+    assert int(value_of(teacher.num_updates)) == 1
+    # The one update copied the student as the last micro-batch read it.
+    np.testing.assert_allclose(
+        value_of(teacher.averaged_variables[0]), np.full((4, 2), 4.0), rtol=1e-6
+    )

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 
-from backends_test.conftest import BACKEND
+from backends_test.helpers import BACKEND
 from backends_test.test_distributed import wait_for_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

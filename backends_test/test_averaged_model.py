@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from keras import ops
 
-from backends_test.conftest import state_of, value_of
+from backends_test.helpers import value_of
 from keras_stateful.layers import AveragedModel
-from keras_stateful.testing import check_state_contract
+from keras_stateful.testing import check_state_contract, state_snapshot
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 9
@@ -135,8 +135,8 @@ def test_matches_numpy_replay_of_the_students_weights(name, rng):
         np.testing.assert_allclose(
             value_of(average), reference, rtol=1e-6, atol=1e-6, err_msg=variable.path
         )
-    assert state_of(averaged)["step"] == STEPS
-    assert state_of(averaged)["num_updates"] == updates
+    assert state_snapshot(averaged)["step"] == STEPS
+    assert state_snapshot(averaged)["num_updates"] == updates
 
 
 def test_copies_non_trainable_when_asked(rng):
@@ -253,7 +253,7 @@ def test_no_gradient_reaches_the_student_through_the_average(rng):
     model.fit(x, [y, y], batch_size=4, verbose=0)
     for value, after in zip(before, numbers(student.trainable_variables), strict=True):
         np.testing.assert_array_equal(value, after)
-    assert state_of(averaged)["num_updates"] == 2
+    assert state_snapshot(averaged)["num_updates"] == 2
 
 
 @pytest.mark.parametrize("jit_compile", ["auto", False])
@@ -267,10 +267,13 @@ def test_fit_updates_once_per_step(jit_compile, rng):
     )
     x = rng.normal(size=(12, 4)).astype("float32")
     model.fit(x, np.ones((12, 3), "float32"), batch_size=4, epochs=2, verbose=0)
-    assert state_of(averaged)["step"] == 6 and state_of(averaged)["num_updates"] == 6
+    assert (
+        state_snapshot(averaged)["step"] == 6
+        and state_snapshot(averaged)["num_updates"] == 6
+    )
     model.predict(x, verbose=0)
     model.evaluate(x, np.ones((12, 3), "float32"), verbose=0)
-    assert state_of(averaged)["step"] == 6
+    assert state_snapshot(averaged)["step"] == 6
 
 
 def test_student_shared_by_two_branches(rng):
@@ -285,13 +288,13 @@ def test_student_shared_by_two_branches(rng):
     x = rng.normal(size=(8, 4)).astype("float32")
     y = np.ones((8, 3), "float32")
     once.fit([x, x], [y, y], batch_size=4, verbose=0)  # 2 steps
-    assert state_of(averaged)["num_updates"] == 2
+    assert state_snapshot(averaged)["num_updates"] == 2
     twice = keras.Model(
         [first, second], [student(first), averaged(first), averaged(second)]
     )
     twice.compile(optimizer="sgd", loss=["mse", None, None])
     twice.fit([x, x], [y, y, y], batch_size=4, verbose=0)  # 2 steps, 2 calls each
-    assert state_of(averaged)["num_updates"] == 2 + 4
+    assert state_snapshot(averaged)["num_updates"] == 2 + 4
 
 
 def test_save_and_load_keeps_the_average_and_the_shared_student(rng):
@@ -354,7 +357,7 @@ def test_custom_training_loop_with_stateless_call(rng):
         np.testing.assert_allclose(
             ops.convert_to_numpy(by_id[id(average)]), reference, rtol=1e-6, atol=1e-6
         )
-    assert state_of(averaged)["step"] == 0  # stateless: the variables stay
+    assert state_snapshot(averaged)["step"] == 0  # stateless: the variables stay
 
 
 def test_float16_student_float32_average(rng):
@@ -395,11 +398,11 @@ def test_trainable_false_stops_updates_but_not_the_student(rng):
     assert student.trainable and all(layer.trainable for layer in student.layers)
     x = rng.normal(size=(4, 4)).astype("float32")
     averaged(x, training=True)
-    assert state_of(averaged)["step"] == 0
+    assert state_snapshot(averaged)["step"] == 0
     averaged.trainable = True
     averaged.freeze_state()
     averaged(x, training=True)
-    assert state_of(averaged)["step"] == 0
+    assert state_snapshot(averaged)["step"] == 0
 
 
 def test_reset_state_copies_the_student_again(rng):
@@ -409,7 +412,10 @@ def test_reset_state_copies_the_student_again(rng):
         student.variables, averaged.averaged_variables, strict=True
     ):
         np.testing.assert_array_equal(value_of(average), value_of(variable))
-    assert state_of(averaged)["step"] == 0 and state_of(averaged)["num_updates"] == 0
+    assert (
+        state_snapshot(averaged)["step"] == 0
+        and state_snapshot(averaged)["num_updates"] == 0
+    )
 
 
 def test_state_contract():
@@ -468,13 +474,13 @@ def test_guide_callback_logs_the_averaged_models_validation_metrics():
     assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies)
     final = ns["averaged_model"].evaluate(ns["x"], ns["y"], verbose=0, return_dict=True)
     np.testing.assert_allclose(accuracies[-1], final["accuracy"], rtol=1e-6)
-    assert state_of(ns["averaged"])["step"] == 3 * 8
+    assert state_snapshot(ns["averaged"])["step"] == 3 * 8
 
 
 def test_guide_swa_recipe_recomputes_the_statistics_of_the_average():
     ns = run_guide_block("keras_stateful.calibrate(swa_model")
     swa, swa_model = ns["swa"], ns["swa_model"]
-    assert state_of(swa)["num_updates"] == 3  # steps 17, 33 and 49
+    assert state_snapshot(swa)["num_updates"] == 3  # steps 17, 33 and 49
     kernel, bias = (value_of(v) for v in swa_model.layers[0].weights)
     np.testing.assert_allclose(
         value_of(kernel), value_of(swa.averaged_variables[0]), rtol=0

@@ -265,6 +265,9 @@ class AveragedModel(StatefulLayer):
         ]
         self.step = self.add_state("step", (), dtype="int32")
         self.num_updates = self.add_state("num_updates", (), dtype="int32")
+        # With accumulation_steps=N: one update per window of N micro-batches
+        # (the student's weights do not change within it), at its last one.
+        self.add_statistic("micro_batches")
 
     # ----------------------------------------------------------------------- call
 
@@ -277,6 +280,7 @@ class AveragedModel(StatefulLayer):
         return self._averaged_forward(inputs, student_training)
 
     def _update(self, training: bool | Tensor) -> None:
+        self.accumulate({"micro_batches": ops.ones(())}, training=training)
         step = next_count(self.step)
         count = _backend.read_value(self.num_updates)
         due, weight = self._due_and_weight(step, count)
