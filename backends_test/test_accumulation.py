@@ -204,3 +204,17 @@ def test_averaged_model_steps_once_per_window():
     np.testing.assert_allclose(
         value_of(teacher.averaged_variables[0]), np.full((4, 2), 4.0), rtol=1e-6
     )
+
+
+def test_percentile_normalization_steps_once_per_window_with_mean_percentiles():
+    """No sufficient statistics: the mean of the micro-batches' percentiles."""
+    from keras_stateful.layers import PercentileNormalization
+
+    layer = PercentileNormalization(rate=0.5, accumulation_steps=N)
+    x = windows(1)[0]
+    for micro in x:
+        layer(micro, training=True)
+    low = np.mean([np.percentile(m, 5) for m in x])
+    high = np.mean([np.percentile(m, 95) for m in x])
+    np.testing.assert_allclose(value_of(layer.lo), 0.5 * low, rtol=1e-5)
+    np.testing.assert_allclose(value_of(layer.hi), 0.5 * high, rtol=1e-5)

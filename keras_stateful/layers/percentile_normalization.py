@@ -156,6 +156,10 @@ class PercentileNormalization(StatefulLayer):
             self.lo_hidden = self.add_state("lo_hidden", ())
             self.hi_hidden = self.add_state("hi_hidden", ())
             self.counter = self.add_state("counter", (), dtype="int32")
+        # Percentiles have no sufficient statistics: with accumulation_steps=N
+        # the window's update uses the mean of its micro-batches' percentiles.
+        for name in ("low", "high", "micro_batches"):
+            self.add_statistic(name)
 
     def call(self, inputs: Tensor, training: bool | Tensor | None = None) -> Tensor:
         dtype = keras.backend.standardize_dtype(inputs.dtype)
@@ -178,6 +182,12 @@ class PercentileNormalization(StatefulLayer):
         """Move lo and hi towards this batch's (all replicas') percentiles."""
         values, valid = _global_elements(x)
         low, high = percentiles(values, valid, (self.low, self.high))
+        window = self.accumulate(
+            {"low": low, "high": high, "micro_batches": ops.ones(())},
+            training=training,
+        )
+        low = window["low"] / window["micro_batches"]
+        high = window["high"] / window["micro_batches"]
         if not self.debias:
             self.commit_state(
                 (self.lo, ema(self.lo, low, 1.0 - self.rate)),
