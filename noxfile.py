@@ -77,7 +77,7 @@ def tests_oldest(session: nox.Session) -> None:
     """
     session.install("-e", ".[jax,test,demo]", *OLDEST_PINS)
     versions = "import keras, jax; print('keras', keras.__version__, jax.__version__)"
-    session.run("python", "-c", versions)
+    session.run("python", "-c", versions, env={"KERAS_BACKEND": "jax"})
     run_on(session, "jax", "pytest", "-m", "not slow", *OLDEST_DESELECT)
 
 
