@@ -14,6 +14,9 @@ shapes of the shards each device holds (`shards/<path>`), and every collective
 of the compiled training step with its shapes (`collectives`, one line each),
 read from the optimized HLO that XLA dumps after SPMD partitioning.
 
+With `CHUNKED_SEARCH=1` the codebook is searched in chunks of 8 codes (the
+path a large `N x K` takes).
+
     python -m backends_test.model_parallel_worker tf-model-parallel OUT.npz
     python -m backends_test.model_parallel_worker torch-model-parallel OUT.npz
 
@@ -55,6 +58,13 @@ from keras import ops  # noqa: E402
 
 import keras_stateful  # noqa: E402
 from keras_stateful import layers  # noqa: E402
+from keras_stateful.layers import vector_quantizer_ema  # noqa: E402
+
+if os.environ.get("CHUNKED_SEARCH") == "1":
+    # The codebook searched in chunks of at most 10 codes, as a huge N x K
+    # would be (96 codes: 12 interleaved chunks of 8).
+    vector_quantizer_ema._SEARCH_ELEMENTS = 12 * 10
+    vector_quantizer_ema._MIN_CODES_PER_CHUNK = 8
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Sizes chosen so that no other dimension equals K or K / 4 of any state.

@@ -33,16 +33,19 @@ ROWS = {
     "codebook/ema_dw_hidden": worker.CODES,
     "queue/queue": worker.QUEUE,
 }
-# A collective that carries state rows would have one of these first dims.
-STATE_ROWS = {k for rows in ROWS.values() for k in (rows, rows // DEVICES)}
 SHAPE = re.compile(r"\b(?:pred|bf16|[fsu]\d+)\[([\d,]*)\]")
 
 
-def run_worker(mode, out):
+def run_worker(mode, out, **env):
     completed = subprocess.run(
         [sys.executable, "-m", "backends_test.model_parallel_worker", mode, str(out)],
         cwd=ROOT,
-        env={**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        env={
+            **os.environ,
+            "KERAS_BACKEND": BACKEND,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            **env,
+        },
         capture_output=True,
         text=True,
         timeout=600,
@@ -70,12 +73,16 @@ def assert_same_state(single, other, what):
 
 
 def state_sized_collectives(lines):
-    """The collectives (HLO lines) with an operand or result of state rows."""
+    """The collectives (HLO lines) that move more than batch-sized values.
+
+    A collective may carry scalars and arrays of the batch's rows (`(B, ...)`:
+    rows read, per-sample candidates); an operand or result of any other
+    shape (`K` or `K / 4` rows of state, a chunk of the codebook) is listed.
+    """
     found = []
     for line in lines:
         shapes = SHAPE.findall(line.split("metadata=")[0])
-        firsts = {int(s.split(",")[0]) for s in shapes if s}
-        if firsts & STATE_ROWS:
+        if any(s and int(s.split(",")[0]) != worker.BATCH for s in shapes):
             found.append(line)
     return found
 
@@ -85,14 +92,17 @@ def test_the_hlo_check_catches_an_all_gather_of_state_rows():
         "%all-gather.3 = f32[64,6]{1,0} all-gather(f32[16,6]{1,0} %p), "
         "channel_id=3, dimensions={0}"
     )
+    chunk = "%all-reduce.1 = f32[10,6]{1,0} all-reduce(f32[10,6]{1,0} %c)"
     row_sum = "%all-reduce = (f32[12,6]{1,0}, f32[]) all-reduce(f32[12,6]{1,0} %a)"
-    assert state_sized_collectives([gather, row_sum]) == [gather]
+    assert state_sized_collectives([gather, chunk, row_sum]) == [gather, chunk]
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution.ModelParallel")
-def test_jax_state_sharded_over_four_devices_matches_one_device(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
-    sharded = run_worker("model-parallel", tmp_path / "sharded.npz")
+@pytest.mark.parametrize("search", ["whole", "chunked"])
+def test_jax_state_sharded_over_four_devices_matches_one_device(tmp_path, search):
+    env = {"CHUNKED_SEARCH": "1" if search == "chunked" else "0"}
+    single = run_worker("single", tmp_path / "single.npz", **env)
+    sharded = run_worker("model-parallel", tmp_path / "sharded.npz", **env)
     assert_same_state(state_of(single), state_of(sharded), "ModelParallel(1 x 4)")
 
     for path, rows in ROWS.items():
