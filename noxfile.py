@@ -162,6 +162,7 @@ def docs(session: nox.Session) -> None:
 BENCH_SCRIPTS = [
     "benchmarks/update_overhead.py",
     "benchmarks/center_loss_scaling.py",
+    "benchmarks/center_loss_batch_sweep.py",
     "benchmarks/memory_queue_scaling.py",
     "benchmarks/vector_quantizer_scaling.py",
     "benchmarks/native_comparison.py",

@@ -28,6 +28,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 EXPECTED = {
     "update_overhead": ({"model", "layer", "variant"}, {"ratios"}),
     "center_loss_scaling": ({"variant", "num_classes"}, {"summary", "D", "B"}),
+    "center_loss_batch_sweep": (
+        {"variant", "batch", "num_classes"},
+        {"summary", "increments", "D", "K_goal"},
+    ),
     "memory_queue_scaling": ({"variant", "size"}, {"summary", "D", "B"}),
     "vector_quantizer_scaling": (
         {"variant", "num_embeddings", "peak_memory_bytes"},
@@ -110,6 +114,7 @@ def test_report_from_quick_results(quick_run):
     for title in (
         "## 1. Overhead of the update",
         "## 2. CenterLoss scaling",
+        "## 2b. CenterLoss batch sweep",
         "## 3. MemoryQueue scaling",
         "## 4. VectorQuantizerEMA",
         "## 5. Against",

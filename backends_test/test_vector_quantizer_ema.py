@@ -156,13 +156,18 @@ def test_first_step_embeddings_are_the_cluster_means(rng):
     )
 
 
-def test_chunked_search_matches_the_full_distance_matrix(rng, monkeypatch):
-    # 300 codes in chunks of 256 (the last one padded), as a huge N x K would be.
+@pytest.mark.parametrize("codes, chunks", [(300, 3), (257, 2)])
+def test_chunked_search_matches_the_full_distance_matrix(
+    codes, chunks, rng, monkeypatch
+):
+    # At most 256 codes a chunk, as a huge N x K would be: 300 codes in 3
+    # interleaved chunks of 100, or 257 (prime) in 2 chunks of 129, padded.
     monkeypatch.setattr(vector_quantizer_ema, "_SEARCH_ELEMENTS", 16)
-    layer = VectorQuantizerEMA(300, 8, seed=0)
+    layer = VectorQuantizerEMA(codes, 8, seed=0)
     x = rng.normal(size=(64, 8)).astype("float32")
     layer.build(x.shape)
     assert layer._codes_per_chunk(64) == 256
+    assert layer._search_chunks(-(-codes // 256)) == chunks
     reference = NumpySonnetVQ(value_of(layer.embeddings), 0.99)
     for _ in range(2):
         output = layer(x, training=True)

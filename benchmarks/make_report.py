@@ -32,6 +32,7 @@ BACKENDS = ["jax", "tensorflow", "torch"]
 BENCHMARKS = {
     "update_overhead": "1. Overhead of the update",
     "center_loss_scaling": "2. CenterLoss scaling",
+    "center_loss_batch_sweep": "2b. CenterLoss batch sweep",
     "memory_queue_scaling": "3. MemoryQueue scaling",
     "vector_quantizer_scaling": "4. VectorQuantizerEMA: time and peak memory",
     "native_comparison": "5. Against Keras's BatchNormalization and native code",
@@ -342,6 +343,42 @@ def center_loss(backend: str, record: dict) -> Section:
     ]
 
 
+def center_loss_batches(backend: str, record: dict) -> Section:
+    """Question 2b: the step time CenterLoss adds, against the batch size."""
+    goal = Goal.of(record, "increment_largest_over_1024")
+    growth = record["summary"]["increment_largest_over_1024"]
+    largest, k_goal = record["summary"]["largest_batch"], record["K_goal"]
+    increments = record["increments"]
+    classes = sorted({r["num_classes"] for r in increments})
+    by = {(r["batch"], r["num_classes"]): r for r in increments}
+    rows = [
+        [f"{b:,}"] + [spread(by[b, k]) if (b, k) in by else "–" for k in classes]
+        for b in sorted({r["batch"] for r in increments})
+    ]
+    context = f"B = {largest:,} ÷ 1,024, K = {k_goal:,}"
+    lines = [
+        *heading(backend, record),
+        f"Step: {record.get('step', '?')}; D = {record.get('D')}. The time "
+        "CenterLoss adds to the step, in ms: per round the median step with "
+        "it minus the median step without it (back to back), median (min–max) "
+        f"over {record.get('rounds')} rounds.",
+        "",
+        *table(["B", *[f"K = {k:,}" for k in classes]], rows),
+        "",
+        f"- increment at {context}: {growth:.1f}× ({goal.check(growth)})",
+        "",
+    ]
+    return lines, [
+        Headline.ratio(
+            "CenterLoss increment: B = 16,384 ÷ B = 1,024",
+            growth,
+            context,
+            goal,
+            digits=1,
+        )
+    ]
+
+
 def plain_torch_line(ratios: dict, small: str, large: str) -> list[str]:
     """The KaiyangZhou-style plain PyTorch rule against ours (PyTorch only)."""
     plain = ratios.get("torch_plain_over_ours_at_largest")
@@ -540,6 +577,7 @@ def averaged_model(backend: str, record: dict) -> Section:
 SECTIONS = {
     "update_overhead": (update_overhead, "update overhead"),
     "center_loss_scaling": (center_loss, "CenterLoss scaling"),
+    "center_loss_batch_sweep": (center_loss_batches, "CenterLoss batch sweep"),
     "memory_queue_scaling": (memory_queue, "MemoryQueue scaling"),
     "vector_quantizer_scaling": (vector_quantizer, "VectorQuantizerEMA scaling"),
     "native_comparison": (native, "native comparison"),

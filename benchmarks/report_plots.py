@@ -128,6 +128,29 @@ def scaling(
     save(fig, path)
 
 
+def center_loss_batches(records: dict[str, dict], path: pathlib.Path) -> None:
+    """CenterLoss's step increment against the batch size, a line per K."""
+    fig, axes = figure(len(records))
+    for ax, (backend, record) in zip(axes[0], records.items(), strict=True):
+        increments = record["increments"]
+        for k in sorted({r["num_classes"] for r in increments}):
+            rows = sorted(
+                (r for r in increments if r["num_classes"] == k),
+                key=lambda r: r["batch"],
+            )
+            x = [r["batch"] for r in rows]
+            y = [max(1e3 * r["median_s"], 1e-3) for r in rows]
+            ax.plot(x, y, marker="o", label=f"K = {k:,}")
+        _log_axes(
+            ax,
+            "batch B",
+            "increment, ms (median over rounds)",
+            f"{NAMES[backend]}: CenterLoss increment",
+            base=2,
+        )
+    save(fig, path)
+
+
 def vector_quantizer(records: dict[str, dict], path: pathlib.Path) -> None:
     """Step time (top) and peak memory (bottom) against the number of codes."""
     fig, axes = figure(len(records), nrows=2)
@@ -240,6 +263,7 @@ DRAWERS = {
     "center_loss_scaling": functools.partial(
         scaling, size_key="num_classes", xlabel="classes K", title="CenterLoss step"
     ),
+    "center_loss_batch_sweep": center_loss_batches,
     "memory_queue_scaling": functools.partial(
         scaling, size_key="size", xlabel="queue size", title="enqueue step"
     ),

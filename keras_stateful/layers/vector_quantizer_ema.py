@@ -335,30 +335,39 @@ class VectorQuantizerEMA(StatefulLayer):
             )
             return ops.cast(ops.argmin(distances, axis=1), "int32")
 
-        # Chunks of codes, the last one padded with codes at infinite distance;
-        # a later chunk wins only when strictly nearer, as argmin's first index.
-        chunks = -(-codes // per_chunk)
+        # Interleaved chunks: chunk c holds the codes p * chunks + c. The
+        # codebook is reshaped to (per_chunk, chunks, D) and a chunk is a slice
+        # along the second axis, so a codebook sharded along its first axis
+        # (keras.distribution.ModelParallel) is searched where it lies, never
+        # gathered. Codes are padded (at infinite distance) only when K has no
+        # suitable divisor. Ties go to the lower code, as argmin's first index.
+        chunks = self._search_chunks(-(-codes // per_chunk))
+        per_chunk = -(-codes // chunks)
         pad = chunks * per_chunk - codes
         if pad:
             embeddings = ops.concatenate(
                 [embeddings, ops.zeros((pad, self.embedding_dim), "float32")], axis=0
             )
             e_sq = ops.concatenate([e_sq, ops.full((pad,), math.inf, "float32")])
-        embeddings = ops.reshape(embeddings, (chunks, per_chunk, self.embedding_dim))
-        e_sq = ops.reshape(e_sq, (chunks, per_chunk))
+        embeddings = ops.reshape(embeddings, (per_chunk, chunks, self.embedding_dim))
+        e_sq = ops.reshape(e_sq, (per_chunk, chunks))
+        stride = ops.arange(per_chunk, dtype="int32") * chunks
 
         def search(chunk: Any, best: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
             best_distance, best_code = best
-            block = ops.take(embeddings, chunk, axis=0)
+            block = ops.take(embeddings, chunk, axis=1)
             distances = (
                 x_sq
                 + ops.matmul(minus_2x, ops.transpose(block))
-                + ops.take(e_sq, chunk, axis=0)[None, :]
+                + ops.take(e_sq, chunk, axis=1)[None, :]
             )
-            code = ops.cast(ops.argmin(distances, axis=1), "int32")
-            distance = ops.take_along_axis(distances, code[:, None], axis=1)[:, 0]
-            nearer = distance < best_distance
-            code = code + ops.cast(chunk, "int32") * per_chunk
+            position = ops.cast(ops.argmin(distances, axis=1), "int32")
+            distance = ops.take_along_axis(distances, position[:, None], axis=1)[:, 0]
+            code = ops.take(stride, position) + ops.cast(chunk, "int32")
+            nearer = ops.logical_or(
+                distance < best_distance,
+                ops.logical_and(distance == best_distance, code < best_code),
+            )
             return (
                 ops.where(nearer, distance, best_distance),
                 ops.where(nearer, code, best_code),
@@ -367,6 +376,24 @@ class VectorQuantizerEMA(StatefulLayer):
         start = ops.zeros_like(x_sq[:, 0])
         best = (start + math.inf, ops.cast(start, "int32"))
         return ops.fori_loop(0, chunks, search, best)[1]
+
+    def _search_chunks(self, fewest: int) -> int:
+        """How many chunks the search takes: at least `fewest`, a divisor of K.
+
+        Among the divisors of K in `[fewest, 4 * fewest]`, the one that leaves
+        the most factors of 2 in K / chunks (a codebook split over 2, 4, 8...
+        devices then splits each chunk the same way), the fewest chunks on a
+        tie. Without such a divisor, `fewest` (the codes are padded).
+        """
+        codes = self.num_embeddings
+
+        def twos(n: int) -> int:
+            return (n & -n).bit_length()
+
+        divisors = [c for c in range(fewest, 4 * fewest + 1) if codes % c == 0]
+        if not divisors:
+            return fewest
+        return max(divisors, key=lambda c: (twos(codes // c), -c))
 
     def _codes_per_chunk(self, rows: int | None) -> int:
         if rows is None:
