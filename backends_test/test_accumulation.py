@@ -46,6 +46,23 @@ ACCUMULATING = {
 }
 
 
+def test_center_loss_moves_centers_once_per_window():
+    from keras_stateful.layers import CenterLoss
+
+    def centers(steps):
+        return CenterLoss(3, alpha=0.5, accumulation_steps=steps)
+
+    accumulating, reference = centers(N), centers(1)
+    data = windows(2)
+    labels = np.random.default_rng(3).integers(0, 3, size=(2, N, B))
+    for window, ids in zip(data, labels, strict=True):
+        for micro, micro_ids in zip(window[:-1], ids[:-1], strict=True):
+            accumulating([micro, micro_ids], training=True)
+        accumulating([window[-1], ids[-1]], training=True)
+        reference([np.concatenate(list(window)), ids.reshape(-1)], training=True)
+        assert_close_state(rule_state(accumulating), rule_state(reference), "centers")
+
+
 def rule_state(layer):
     """The layer's own state, without the window's accumulators and counter."""
     return {

@@ -38,6 +38,10 @@ class CenterLoss(StatefulLayer):
 
     An empty batch (`B = 0`) adds a zero loss and updates nothing.
 
+    With `accumulation_steps=N` the centers move once per window of `N`
+    micro-batches, by Eq. 4 over the window's samples; this keeps `(K,)` and
+    `(K, D)` accumulators and computes every row each micro-batch (O(K * D)).
+
     Labels are integer class ids of shape `(B,)` or `(B, 1)`, or one-hot
     `(B, num_classes)`. An id outside `[0, num_classes)` raises a
     `ValueError` when the call runs eagerly (this includes PyTorch's `fit`,
@@ -117,6 +121,9 @@ class CenterLoss(StatefulLayer):
         self.out_of_range_labels = self.add_state(
             "out_of_range_labels", (), dtype="int32"
         )
+        # With accumulation_steps > 1 only: n_j and sum_i x_i of the window.
+        self.add_statistic("counts", (self.num_classes,))
+        self.add_statistic("sums", (self.num_classes, self._feature_dim))
 
     def call(self, inputs: Any, training: bool | Tensor | None = None) -> Tensor:
         features, labels = self._split_inputs(inputs)
@@ -179,6 +186,10 @@ class CenterLoss(StatefulLayer):
             weight = ops.cast(valid, "float32")
             own_centers = _backend.read_rows(self.centers, safe_ids)
 
+        if self.accumulation_steps > 1:
+            self._update_all_centers(x, safe_ids, weight, skipped, training)
+            return
+
         # n_j and sum_i x_i per class, over the batch only, in O(B log B):
         # sort the samples by class (invalid ones last), number the runs of
         # equal ids, and sum each run. Each sample then writes its class's
@@ -205,6 +216,40 @@ class CenterLoss(StatefulLayer):
         new_rows = ops.where(valid[:, None], new_rows, new_rows[0:1])
         self.commit_state(
             (self.centers, rows_at, new_rows),
+            (self.out_of_range_labels, next_count(self.out_of_range_labels, skipped)),
+            training=training,
+        )
+
+    def _update_all_centers(
+        self,
+        x: Tensor,
+        safe_ids: Tensor,
+        weight: Tensor,
+        skipped: Tensor,
+        training: bool | Tensor,
+    ) -> None:
+        """Eq. 4 once per accumulation window, from the window's n_j and sums.
+
+        The centers do not move within a window, so this equals one update
+        with the window's micro-batches concatenated. The classes the window
+        touched are not known in advance: every row is computed (O(K * D) per
+        micro-batch), and rows with `n_j = 0` keep their value.
+        """
+        classes = self.num_classes
+        window = self.accumulate(
+            {
+                "counts": ops.segment_sum(weight, safe_ids, num_segments=classes),
+                "sums": ops.segment_sum(
+                    x * weight[:, None], safe_ids, num_segments=classes
+                ),
+            },
+            training=training,
+        )
+        centers = _backend.read_value(self.centers)
+        counts = window["counts"][:, None]
+        delta = (counts * centers - window["sums"]) / (1.0 + counts)
+        self.commit_state(
+            (self.centers, centers - self.alpha * delta),
             (self.out_of_range_labels, next_count(self.out_of_range_labels, skipped)),
             training=training,
         )
