@@ -117,25 +117,28 @@ def lint(session: nox.Session) -> None:
     session.run("mypy", "keras_stateful")
 
 
-@nox.session
-def demo(session: nox.Session) -> None:
-    """The main job: softmax vs softmax + CenterLoss on digits (JAX by default)."""
+def install_demo(session: nox.Session) -> str:
+    """The package with the demo extra and KERAS_BACKEND's backend (JAX by default)."""
     session.install("-e", ".[jax,demo]")
     backend = os.environ.get("KERAS_BACKEND") or "jax"
     if backend == "torch":
         session.install(TORCH_PIN)
     if backend != "jax":
         session.install("-e", f".[{backend}]")
+    return backend
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: softmax vs softmax + CenterLoss on digits (JAX by default)."""
+    backend = install_demo(session)
     run_on(session, backend, "python", "examples/center_loss_digits.py")
 
 
 @nox.session(default=False)
 def moco(session: nox.Session) -> None:
     """MoCo v2 on digits: AveragedModel key encoder + MemoryQueue (JAX by default)."""
-    session.install("-e", ".[jax,demo]")
-    backend = os.environ.get("KERAS_BACKEND") or "jax"
-    if backend != "jax":
-        session.install("-e", f".[{backend}]")
+    backend = install_demo(session)
     run_on(session, backend, "python", "examples/moco_digits.py")
 
 
@@ -207,6 +210,8 @@ def bench(session: nox.Session, backend: str) -> None:
     """
     quick, threads = bench_options(session.posargs)
     results, _ = bench_paths(quick)
+    if backend == "torch":
+        session.install(TORCH_PIN)
     session.install("-e", f".[{backend},bench]")
     env = {"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
     if threads is not None:
