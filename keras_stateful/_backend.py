@@ -45,6 +45,18 @@ def read_value(variable: keras.Variable) -> Tensor:
     return value
 
 
+def read_unscaled(variable: keras.Variable) -> Tensor:
+    """`variable`'s value in its own dtype, never autocast.
+
+    Under mixed precision a layer call opens an autocast scope (even for a
+    layer with `autocast=False` when no scope is open yet), and a float32
+    variable read there comes back float16. `SpectralNormalization` reads the
+    wrapped kernel through here so that its power iteration runs in float32.
+    """
+    with AutocastScope(None):
+        return read_value(variable)
+
+
 def read_rows(variable: keras.Variable, indices: Tensor) -> Tensor:
     """`variable[indices]`, reading only those rows where the backend allows.
 
