@@ -6,6 +6,8 @@ from keras_stateful.layers.memory_queue import MemoryQueue
 from keras_stateful.layers.moving_average import MovingAverage
 from keras_stateful.layers.moving_moments import MovingMoments
 from keras_stateful.layers.running_standardization import RunningStandardization
+from keras_stateful.layers.spectral_normalization import SpectralNormalization
+from keras_stateful.layers.sync_batch_normalization import SyncBatchNormalization
 from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 
 __all__ = [
@@ -15,5 +17,7 @@ __all__ = [
     "MovingAverage",
     "MovingMoments",
     "RunningStandardization",
+    "SpectralNormalization",
+    "SyncBatchNormalization",
     "VectorQuantizerEMA",
 ]
