@@ -105,7 +105,9 @@ def sgd(layer, grads):
 
 
 def dense_data(rng, batch=6, features=5, units=4):
-    batches = [rng.normal(size=(batch, features)).astype("float32") for _ in range(STEPS)]
+    batches = [
+        rng.normal(size=(batch, features)).astype("float32") for _ in range(STEPS)
+    ]
     weights = [rng.normal(size=(batch, units)).astype("float32") for _ in range(STEPS)]
     return batches, weights
 
@@ -125,7 +127,12 @@ def test_dense_matches_numpy_power_iteration_over_steps(iterations, rng):
     bias = value_of(layer.layer.bias)
     u0, v0 = value_of(layer.vector_u), value_of(layer.vector_v)
     expected = numpy_dense_steps(
-        kernel, bias, u0.astype("float64"), v0.astype("float64"), batches, weights,
+        kernel,
+        bias,
+        u0.astype("float64"),
+        v0.astype("float64"),
+        batches,
+        weights,
         iterations,
     )
     for step, (x, r, want) in enumerate(zip(batches, weights, expected, strict=True)):
@@ -154,12 +161,18 @@ def kernel_matrix(layer):
 
 
 WRAPPED = {
-    "Conv1D": (lambda: keras.layers.Conv1D(3, 2, kernel_initializer=seeded()), (4, 7, 2)),
+    "Conv1D": (
+        lambda: keras.layers.Conv1D(3, 2, kernel_initializer=seeded()),
+        (4, 7, 2),
+    ),
     "Conv2D": (
         lambda: keras.layers.Conv2D(3, (2, 3), kernel_initializer=seeded()),
         (4, 5, 6, 2),
     ),
-    "Conv3D": (lambda: keras.layers.Conv3D(3, 2, kernel_initializer=seeded()), (2, 4, 4, 3, 2)),
+    "Conv3D": (
+        lambda: keras.layers.Conv3D(3, 2, kernel_initializer=seeded()),
+        (2, 4, 4, 3, 2),
+    ),
     "EinsumDense": (
         lambda: keras.layers.EinsumDense(
             "abc,cd->abd", (3, 4), bias_axes="d", kernel_initializer=seeded()
@@ -201,7 +214,10 @@ def test_every_wrapped_layer_runs_with_kernel_over_numpy_sigma(name, rng):
         np.testing.assert_allclose(value_of(layer.vector_v), v, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(value_of(layer.sigma()), sigma, rtol=1e-5)
         plain.set_weights(
-            [kernel / sigma if w.shape == kernel.shape else w for w in layer.layer.get_weights()]
+            [
+                kernel / sigma if w.shape == kernel.shape else w
+                for w in layer.layer.get_weights()
+            ]
         )
         np.testing.assert_allclose(
             out, value_of(plain(x)), rtol=1e-5, atol=1e-6, err_msg=f"step {step}"
@@ -286,7 +302,10 @@ def test_same_numbers_as_the_numpy_reference_after_twelve_steps(rng):
     wrapper, model, x, kernel, start = twelve_steps_at_learning_rate_zero(rng)
     matrix = kernel.astype("float64").T
     u, v = numpy_power_iteration(
-        matrix, start["vector_u"].astype("float64"), start["vector_v"].astype("float64"), 12
+        matrix,
+        start["vector_u"].astype("float64"),
+        start["vector_v"].astype("float64"),
+        12,
     )
     np.testing.assert_allclose(value_of(wrapper.vector_u), u, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(value_of(wrapper.vector_v), v, rtol=1e-5, atol=1e-6)
@@ -311,8 +330,11 @@ def test_vector_u_updates_under_mixed_float16(jit_compile, rng):
     assert value_of(wrapper.vector_u).dtype == np.float32
     assert not np.array_equal(value_of(wrapper.vector_u), start["vector_u"])
     matrix = value_of(wrapper.kernel).astype("float64").T
-    u, v = numpy_power_iteration(
-        matrix, start["vector_u"].astype("float64"), start["vector_v"].astype("float64"), 2
+    u, _ = numpy_power_iteration(
+        matrix,
+        start["vector_u"].astype("float64"),
+        start["vector_v"].astype("float64"),
+        2,
     )
     np.testing.assert_allclose(value_of(wrapper.vector_u), u, rtol=1e-5, atol=1e-6)
 
@@ -383,12 +405,20 @@ def torch_forward(module, x):
 
 TORCH_CASES = {
     "Dense": (lambda: keras.layers.Dense(4, kernel_initializer=seeded()), (6, 5)),
-    "Conv2D": (lambda: keras.layers.Conv2D(3, (2, 3), kernel_initializer=seeded()), (3, 5, 6, 2)),
-    "Embedding": (lambda: keras.layers.Embedding(7, 3, embeddings_initializer=seeded()), "ids"),
+    "Conv2D": (
+        lambda: keras.layers.Conv2D(3, (2, 3), kernel_initializer=seeded()),
+        (3, 5, 6, 2),
+    ),
+    "Embedding": (
+        lambda: keras.layers.Embedding(7, 3, embeddings_initializer=seeded()),
+        "ids",
+    ),
 }
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="torch is installed in the torch session only")
+@pytest.mark.skipif(
+    BACKEND != "torch", reason="torch is installed in the torch session only"
+)
 @pytest.mark.parametrize("iterations", [1, 2])
 @pytest.mark.parametrize("name", sorted(TORCH_CASES))
 def test_matches_torch_spectral_norm_over_steps(name, iterations, rng):
@@ -410,7 +440,9 @@ def test_matches_torch_spectral_norm_over_steps(name, iterations, rng):
         x = inputs_for(shape, rng)
         out = layer(torch.tensor(x), training=True)
         r = rng.normal(size=tuple(out.shape)).astype("float32")
-        (grad,) = torch.autograd.grad(torch.sum(out * torch.tensor(r)), [layer.kernel.value])
+        (grad,) = torch.autograd.grad(
+            torch.sum(out * torch.tensor(r)), [layer.kernel.value]
+        )
         expected = torch_forward(module, x)
         (expected_grad,) = torch.autograd.grad(
             torch.sum(expected * torch.tensor(r).double()),
@@ -418,7 +450,13 @@ def test_matches_torch_spectral_norm_over_steps(name, iterations, rng):
         )
         u = parametrization._u.numpy()
         v = parametrization._v.numpy()
-        sigma = float(u @ module.parametrizations.weight.original.detach().numpy().reshape(len(u), -1) @ v)
+        sigma = float(
+            u
+            @ module.parametrizations.weight.original.detach()
+            .numpy()
+            .reshape(len(u), -1)
+            @ v
+        )
         checks = {
             "outputs": (value_of(out.detach()), expected.detach().numpy()),
             "sigma": (value_of(layer.sigma().detach()), sigma),
@@ -431,7 +469,11 @@ def test_matches_torch_spectral_norm_over_steps(name, iterations, rng):
         }
         for label, (ours, theirs) in checks.items():
             np.testing.assert_allclose(
-                ours, theirs, rtol=1e-5, atol=1e-5, err_msg=f"{name}, step {step}: {label}"
+                ours,
+                theirs,
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"{name}, step {step}: {label}",
             )
         with torch.no_grad():
             layer.kernel.value.sub_(LEARNING_RATE * grad)
@@ -454,13 +496,16 @@ def torch_layout(layer, kernel):
 def test_state_contract(name, rng):
     if name == "Dense":
         check_state_contract(
-            lambda: SpectralNormalization(keras.layers.Dense(3, kernel_initializer=seeded())),
+            lambda: SpectralNormalization(
+                keras.layers.Dense(3, kernel_initializer=seeded())
+            ),
             rng.normal(size=(8, 5)).astype("float32"),
         )
     else:
         check_state_contract(
             lambda: SpectralNormalization(
-                keras.layers.Conv2D(2, 3, kernel_initializer=seeded()), power_iterations=2
+                keras.layers.Conv2D(2, 3, kernel_initializer=seeded()),
+                power_iterations=2,
             ),
             rng.normal(size=(4, 5, 5, 2)).astype("float32"),
         )

@@ -123,15 +123,17 @@ class SpectralNormalization(StatefulLayer):
             example="SpectralNormalization(layer, epsilon=1e-12)",
             exclusive_minimum=0.0,
         )
-        self.vector_u = None
-        self.vector_v = None
+        self.vector_u: Any = None  # keras.Variables, created in build()
+        self.vector_v: Any = None
 
     # -------------------------------------------------------------- the view
 
     @property
     def kernel(self) -> keras.Variable:
         """The wrapped layer's kernel (an `Embedding`'s table), never written."""
-        name = "embeddings" if isinstance(self.layer, keras.layers.Embedding) else "kernel"
+        name = (
+            "embeddings" if isinstance(self.layer, keras.layers.Embedding) else "kernel"
+        )
         variable = getattr(self.layer, name)
         if not isinstance(variable, keras.Variable):
             raise ValueError(
@@ -236,7 +238,7 @@ def warm_start(matrix: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarr
     """`(u, v)` after 15 power iterations on `matrix` from a fixed start."""
     rng = np.random.default_rng(WARM_UP_SEED)
     # Only v's start matters: the first iteration computes u from it.
-    v = _normalize_np(rng.standard_normal(matrix.shape[1]), epsilon)
+    v = _normalize_np(rng.standard_normal(size=(matrix.shape[1],)), epsilon)
     u = np.zeros(matrix.shape[0])
     for _ in range(WARM_UP_ITERATIONS):
         u = _normalize_np(matrix @ v, epsilon)
