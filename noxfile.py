@@ -82,6 +82,7 @@ BENCH_SCRIPTS = [
     "benchmarks/memory_queue_scaling.py",
     "benchmarks/vector_quantizer_scaling.py",
     "benchmarks/native_comparison.py",
+    "benchmarks/sync_batch_norm_overhead.py",
 ]
 
 

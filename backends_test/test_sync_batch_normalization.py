@@ -2,6 +2,9 @@
 outputs, gradients and moving statistics within 1e-6 (the data-parallel
 runs are in test_sync_batch_normalization_distributed.py)."""
 
+import pathlib
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -208,3 +211,20 @@ def test_bad_arguments_say_what_to_write():
         SyncBatchNormalization(axis=(1, 2))
     with pytest.raises(ValueError, match=r"axis=3 does not fit an input of rank 3"):
         SyncBatchNormalization(axis=3).build((None, 4, 5))
+
+
+def test_normalization_guide_examples_run():
+    """docs/normalization.md: the two examples run and build what they say."""
+    guide = (
+        pathlib.Path(__file__).parent.parent / "docs" / "normalization.md"
+    ).read_text()
+    critic_code, model_code = re.findall(r"```python\n(.*?)```", guide, re.S)
+    namespace = {}
+    exec(compile(critic_code, "normalization.md", "exec"), namespace)
+    critic = namespace["critic"]
+    kernel = value_of(critic.layers[-1].kernel)
+    largest = np.linalg.svd(kernel, compute_uv=False)[0]
+    np.testing.assert_allclose(value_of(critic.layers[-1].sigma()), largest, rtol=1e-2)
+    namespace = {}
+    exec(compile(model_code, "normalization.md", "exec"), namespace)
+    assert isinstance(namespace["model"].layers[1], SyncBatchNormalization)

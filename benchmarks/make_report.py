@@ -35,6 +35,7 @@ BENCHMARKS = {
     "memory_queue_scaling": "3. MemoryQueue scaling",
     "vector_quantizer_scaling": "4. VectorQuantizerEMA: time and peak memory",
     "native_comparison": "5. Against Keras's BatchNormalization and native code",
+    "sync_batch_norm_overhead": "6. SyncBatchNormalization on one device",
 }
 
 
@@ -485,6 +486,36 @@ def native_headlines(ratios: dict) -> list[Headline]:
     ]
 
 
+def sync_batch_norm(backend: str, record: dict) -> Section:
+    """Question 6: SyncBatchNormalization ÷ BatchNormalization, one device."""
+    goal = Goal.of(record, "sync_over_keras")
+    rows = [
+        [r["model"], r["variant"], str(r["batch"]), spread(r)]
+        for r in record["results"]
+    ]
+    worst = record["sync_over_keras"]
+    lines = [
+        *heading(backend, record),
+        f"{record.get('step', '?')}. Time in ms, median (min–max).",
+        "",
+        *table(["model", "variant", "batch", "ms"], rows),
+        "",
+        *[
+            f"- {kind}: SyncBatchNormalization ÷ BatchNormalization {times(ratio)}"
+            for kind, ratio in record["ratios"].items()
+        ],
+        goal_line(f"the worse ({worst['model']})", worst, goal),
+        "",
+    ]
+    head = Headline.ratio(
+        "SyncBatchNormalization ÷ BatchNormalization, training step, one device",
+        worst["median"],
+        worst["model"],
+        goal,
+    )
+    return lines, [head]
+
+
 # -------------------------------------------------------------- the report
 
 # benchmark: (its section on one backend, the alt text of its plot)
@@ -494,6 +525,7 @@ SECTIONS = {
     "memory_queue_scaling": (memory_queue, "MemoryQueue scaling"),
     "vector_quantizer_scaling": (vector_quantizer, "VectorQuantizerEMA scaling"),
     "native_comparison": (native, "native comparison"),
+    "sync_batch_norm_overhead": (sync_batch_norm, "SyncBatchNormalization overhead"),
 }
 
 

@@ -89,7 +89,7 @@ class SpectralNormalization(StatefulLayer):
     ```python
     dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.Constant(2.0))
     layer = keras_stateful.layers.SpectralNormalization(dense)
-    layer(np.ones((1, 4), "float32"), training=True)  # [[1.15, 1.15, 1.15]] = 8 / 6.93
+    y = layer(np.ones((1, 4), "float32"), training=True)  # 8 / 6.93 = 1.15 each
     layer.sigma()  # 6.93 = 2 * sqrt(4 * 3), the kernel's largest singular value
     dense.kernel  # still all 2.0: only vector_u and vector_v were written
     ```
