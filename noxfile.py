@@ -170,6 +170,7 @@ BENCH_SCRIPTS = [
     "benchmarks/vector_quantizer_scaling.py",
     "benchmarks/native_comparison.py",
     "benchmarks/averaged_model.py",
+    "benchmarks/sync_batch_norm_overhead.py",
 ]
 
 

@@ -3,7 +3,7 @@
 Each script runs in this process (its command line, through `runpy`) into a
 temporary folder, never benchmarks/results/; the test checks that it wrote
 valid JSON with the expected keys, and that make_report turns the results
-into a REPORT.md with all five sections and PNG plots. No timing is
+into a REPORT.md with all six sections and PNG plots. No timing is
 asserted: the figures of a quick run mean nothing.
 """
 
@@ -39,6 +39,7 @@ EXPECTED = {
     ),
     "native_comparison": ({"part", "variant"}, {"ratios"}),
     "averaged_model": ({"variant"}, {"ratios", "memory", "widths"}),
+    "sync_batch_norm_overhead": ({"model", "variant"}, {"ratios", "sync_over_keras"}),
 }
 # "goals": every script writes its goals there ({} for none); the report reads them.
 COMMON = {"benchmark", "backend", "quick", "versions", "cpu", "cores", "date", "goals"}
@@ -119,6 +120,7 @@ def test_report_from_quick_results(quick_run):
         "## 4. VectorQuantizerEMA",
         "## 5. Against",
         "## 6. AveragedModel",
+        "## 6. SyncBatchNormalization",
     ):
         assert title in text
     assert "quick run" in text

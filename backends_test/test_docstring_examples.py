@@ -255,6 +255,19 @@ def check_running_standardization(ns):
     assert tuple(ns["outputs"].shape) == (None, 1)
 
 
+def check_spectral_normalization(ns):
+    np.testing.assert_allclose(value_of(ns["y"]), [[8 / np.sqrt(48)] * 3], rtol=1e-5)
+    np.testing.assert_allclose(value_of(ns["layer"].sigma()), np.sqrt(48), rtol=1e-5)
+    np.testing.assert_array_equal(value_of(ns["dense"].kernel), np.full((4, 3), 2.0))
+
+
+def check_sync_batch_normalization(ns):
+    y = value_of(ns["y"])
+    np.testing.assert_allclose(y.mean(0), [0.0] * 4, atol=1e-5)
+    np.testing.assert_allclose(y.var(0), [1.0] * 4, atol=1e-3)
+    np.testing.assert_allclose(value_of(ns["bn"].moving_mean), [0.3] * 4, atol=0.1)
+
+
 def check_vector_quantizer(ns):
     logs = ns["history"].history
     for key in ("loss", "vq_perplexity", "vq_usage", "vq_commitment_loss"):
@@ -303,6 +316,8 @@ CHECKS = {
     "keras_stateful.layers.MovingMoments": check_moving_moments,
     "keras_stateful.layers.PercentileNormalization": check_percentile_normalization,
     "keras_stateful.layers.RunningStandardization": check_running_standardization,
+    "keras_stateful.layers.SpectralNormalization": check_spectral_normalization,
+    "keras_stateful.layers.SyncBatchNormalization": check_sync_batch_normalization,
     "keras_stateful.layers.VectorQuantizerEMA": check_vector_quantizer,
 }
 

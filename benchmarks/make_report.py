@@ -37,6 +37,7 @@ BENCHMARKS = {
     "vector_quantizer_scaling": "4. VectorQuantizerEMA: time and peak memory",
     "native_comparison": "5. Against Keras's BatchNormalization and native code",
     "averaged_model": "6. AveragedModel against the optimizer's use_ema",
+    "sync_batch_norm_overhead": "7. SyncBatchNormalization on one device",
 }
 
 
@@ -571,6 +572,36 @@ def averaged_model(backend: str, record: dict) -> Section:
     return lines, heads
 
 
+def sync_batch_norm(backend: str, record: dict) -> Section:
+    """Question 7: SyncBatchNormalization ÷ BatchNormalization, one device."""
+    goal = Goal.of(record, "sync_over_keras")
+    rows = [
+        [r["model"], r["variant"], str(r["batch"]), spread(r)]
+        for r in record["results"]
+    ]
+    worst = record["sync_over_keras"]
+    lines = [
+        *heading(backend, record),
+        f"{record.get('step', '?')}. Time in ms, median (min–max).",
+        "",
+        *table(["model", "variant", "batch", "ms"], rows),
+        "",
+        *[
+            f"- {kind}: SyncBatchNormalization ÷ BatchNormalization {times(ratio)}"
+            for kind, ratio in record["ratios"].items()
+        ],
+        goal_line(f"the worse ({worst['model']})", worst, goal),
+        "",
+    ]
+    head = Headline.ratio(
+        "SyncBatchNormalization ÷ BatchNormalization, training step, one device",
+        worst["median"],
+        worst["model"],
+        goal,
+    )
+    return lines, [head]
+
+
 # -------------------------------------------------------------- the report
 
 # benchmark: (its section on one backend, the alt text of its plot)
@@ -582,6 +613,7 @@ SECTIONS = {
     "vector_quantizer_scaling": (vector_quantizer, "VectorQuantizerEMA scaling"),
     "native_comparison": (native, "native comparison"),
     "averaged_model": (averaged_model, "AveragedModel step times"),
+    "sync_batch_norm_overhead": (sync_batch_norm, "SyncBatchNormalization overhead"),
 }
 
 

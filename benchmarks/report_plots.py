@@ -209,6 +209,37 @@ def _native_panel(ax, backend: str, record: dict, part: str) -> None:
     )
 
 
+def sync_batch_norm(records: dict[str, dict], path: pathlib.Path) -> None:
+    """Bars of the training step per model and normalization layer."""
+    fig, axes = figure(len(records))
+    for col, (backend, record) in enumerate(records.items()):
+        ax = axes[0][col]
+        rows = record["results"]
+        ax.bar(
+            range(len(rows)),
+            [1e3 * r["median_s"] for r in rows],
+            yerr=[
+                [1e3 * (r["median_s"] - _quartiles(r)[0]) for r in rows],
+                [1e3 * (_quartiles(r)[1] - r["median_s"]) for r in rows],
+            ],
+            color=[
+                "tab:green" if r["variant"] == "sync_batch_norm" else "tab:gray"
+                for r in rows
+            ],
+            capsize=2,
+        )
+        ax.set_xticks(
+            range(len(rows)),
+            [f"{r['model']}: {r['variant']}" for r in rows],
+            rotation=35,
+            ha="right",
+            fontsize=7,
+        )
+        ax.set_ylabel("ms (median; quartiles of rounds)")
+        ax.set_title(f"{NAMES[backend]}: training step")
+    save(fig, path)
+
+
 def _log_axes(ax, xlabel: str, ylabel: str, title: str, base: int = 10) -> None:
     """Log-log axes with their labels, title and legend."""
     ax.set_xscale("log", base=base)
@@ -270,6 +301,7 @@ DRAWERS = {
     "vector_quantizer_scaling": vector_quantizer,
     "native_comparison": native,
     "averaged_model": averaged_model,
+    "sync_batch_norm_overhead": sync_batch_norm,
 }
 
 

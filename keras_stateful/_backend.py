@@ -46,10 +46,13 @@ def read_value(variable: keras.Variable) -> Tensor:
 
 
 def read_stored_value(variable: keras.Variable) -> Tensor:
-    """`read_value` with autocasting off: the value in the variable's own dtype.
+    """`variable`'s value in its own dtype, never autocast.
 
-    Inside a mixed-precision layer call a float32 variable reads as float16;
-    `AveragedModel` averages the student's weights as stored.
+    Under mixed precision a layer call opens an autocast scope (even for a
+    layer with `autocast=False` when no scope is open yet), and a float32
+    variable read there comes back float16. `AveragedModel` averages the
+    student's weights as stored, and `SpectralNormalization` runs its power
+    iteration on the float32 kernel, through here.
     """
     with AutocastScope(None):
         return read_value(variable)

@@ -92,7 +92,7 @@ def sum_over_processes(values: Any) -> Any:
     return tensor.numpy()
 
 
-def cross_replica_sum(x: Tensor) -> Tensor:
+def cross_replica_sum(x: Tensor, *, differentiable: bool = False) -> Tensor:
     """Sum `x` over all replicas of a data-parallel run.
 
     Layers pass the sufficient statistics of their update (sums, counts)
@@ -101,10 +101,20 @@ def cross_replica_sum(x: Tensor) -> Tensor:
 
     - JAX with `keras.distribution`: the batch is one globally sharded
       array, so a reduction over it is already global: `x` is returned.
-    - TensorFlow inside a `tf.distribute` replica step: an all-reduce.
+    - TensorFlow inside a `tf.distribute` replica step: an all-reduce
+      (differentiable: its gradient is the all-reduced gradient).
     - PyTorch with an initialised multi-process `torch.distributed` group
-      (DDP): an all-reduce, differentiable-free (the statistics carry no
-      gradient).
+      (DDP): an all-reduce. By default the result carries no gradient (the
+      statistics of a state update need none); with `differentiable=True`
+      its backward pass all-reduces the incoming gradient, so that each
+      replica gets the gradient of the global loss (the sum of the
+      replicas' losses) with respect to its own `x`, as
+      `torch.nn.SyncBatchNorm` does. Every replica must then run backward.
+
+    Args:
+        x: The tensor to sum, of the same shape on every replica.
+        differentiable: Whether gradients flow through the sum on PyTorch
+            (on JAX and TensorFlow they always do). Defaults to `False`.
     """
     if BACKEND == "tensorflow":
         context = tf_replica_context()
@@ -113,11 +123,40 @@ def cross_replica_sum(x: Tensor) -> Tensor:
 
             return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
     if BACKEND == "torch" and _torch_world():
+        if differentiable:
+            return _torch_all_reduce_sum().apply(x)
         import torch.distributed as dist
 
         x = x.detach().clone()
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+_ALL_REDUCE_SUM: Any = None
+
+
+def _torch_all_reduce_sum() -> Any:
+    """A `torch.autograd.Function`: all-reduce forward and backward (made once)."""
+    global _ALL_REDUCE_SUM
+    if _ALL_REDUCE_SUM is None:
+        import torch
+        import torch.distributed as dist
+
+        class AllReduceSum(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, tensor: Any) -> Any:
+                total = tensor.detach().clone().contiguous()
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                return total
+
+            @staticmethod
+            def backward(ctx: Any, grad: Any) -> Any:
+                total = grad.detach().clone().contiguous()
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                return total
+
+        _ALL_REDUCE_SUM = AllReduceSum
+    return _ALL_REDUCE_SUM
 
 
 def cross_replica_mean(x: Tensor) -> Tensor:

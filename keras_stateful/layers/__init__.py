@@ -9,6 +9,8 @@ from keras_stateful.layers.moving_average import MovingAverage
 from keras_stateful.layers.moving_moments import MovingMoments
 from keras_stateful.layers.percentile_normalization import PercentileNormalization
 from keras_stateful.layers.running_standardization import RunningStandardization
+from keras_stateful.layers.spectral_normalization import SpectralNormalization
+from keras_stateful.layers.sync_batch_normalization import SyncBatchNormalization
 from keras_stateful.layers.vector_quantizer_ema import VectorQuantizerEMA
 
 __all__ = [
@@ -21,5 +23,7 @@ __all__ = [
     "MovingMoments",
     "PercentileNormalization",
     "RunningStandardization",
+    "SpectralNormalization",
+    "SyncBatchNormalization",
     "VectorQuantizerEMA",
 ]
