@@ -117,6 +117,96 @@ def assign_rows(variable: keras.Variable, indices: Tensor, rows: Tensor) -> None
         )
 
 
+def writes_in_place() -> bool:
+    """Whether a commit may write the variables' storage directly now.
+
+    True on eager PyTorch outside a stateless scope and outside the
+    compiler: `commit_state` then takes the fused path below (a few torch
+    ops for the whole commit instead of a Keras op per step). Elsewhere the
+    update is built from `keras.ops` (once, at trace time, on JAX and
+    TensorFlow).
+    """
+    if BACKEND != "torch" or in_stateless_scope():
+        return False
+    import torch
+
+    return not torch.compiler.is_compiling()
+
+
+def stored_form(variable: keras.Variable, value: Tensor) -> Tensor:
+    """`value` cut from the gradient, in the dtype `variable` stores (torch)."""
+    stored = variable._value
+    value = value.detach()
+    if value.dtype != stored.dtype:
+        value = value.to(stored.dtype)
+    return value
+
+
+def all_finite_in_place(values: list[Tensor]) -> Tensor | None:
+    """A 0-d bool tensor: every float value finite; None if none is float.
+
+    Small values (the per-feature statistics of a commit) are checked with
+    one `isfinite(...).all()` over their concatenation; large ones one by
+    one, so that no copy of a large state is made.
+    """
+    import torch
+
+    floats = [value for value in values if value.is_floating_point()]
+    if not floats:
+        return None
+    if len(floats) == 1:
+        return torch.isfinite(floats[0]).all()
+    if sum(value.numel() for value in floats) <= _CONCATENATE_UP_TO:
+        return torch.isfinite(torch.cat([v.reshape(-1) for v in floats])).all()
+    checks = [torch.isfinite(value).all() for value in floats]
+    return torch.stack(checks).all()
+
+
+# Values checked together (one concatenation) up to this many elements.
+_CONCATENATE_UP_TO = 1 << 16
+
+
+def write_where_in_place(updates: Any, gate: Tensor) -> None:
+    """`variable = where(gate, value, variable)` in the variables' storage.
+
+    `updates` are `(variable, indices or None, value)` with `value` in the
+    variable's stored dtype (`stored_form`). A whole variable takes one
+    `torch.where` written into it; rows take a select, a where and an
+    `index_copy_`, at a cost that does not grow with the variable's rows.
+    """
+    import torch
+
+    with torch.no_grad():
+        for variable, indices, value in updates:
+            stored = variable._value
+            if indices is None:
+                if _shares_memory(value, stored):
+                    value = value.clone()  # `out=` refuses a partial overlap
+                torch.where(gate, value, stored, out=stored)
+            else:
+                indices = indices.to(torch.long)
+                old = stored.index_select(0, indices)
+                stored.index_copy_(0, indices, torch.where(gate, value, old))
+
+
+def count_in_place(counter: keras.Variable, condition: Tensor) -> None:
+    """`counter += 1` where `condition` holds, stopping at `COUNTER_LIMIT`."""
+    import torch
+
+    with torch.no_grad():
+        stored = counter._value
+        stored.add_(condition & (stored != COUNTER_LIMIT))
+
+
+def next_count_in_place(current: Tensor) -> Tensor:
+    """`current + 1` for an int32 counter, stopping at `COUNTER_LIMIT` (torch)."""
+    return current + (current != COUNTER_LIMIT)
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
 def accumulator(name: str, scope: str) -> keras.Variable:
     """A float32 scalar for a logged sum: outside the weights, summed on read.
 
