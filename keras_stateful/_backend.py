@@ -133,10 +133,26 @@ def writes_in_place() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def as_tensor_for(variable: keras.Variable, value: Any) -> Tensor:
+    """`ops.convert_to_tensor(value)`; a torch tensor on the variable's device as is."""
+    if BACKEND == "torch":
+        import torch
+
+        stored = variable._value
+        if (
+            isinstance(value, torch.Tensor)
+            and stored is not None
+            and value.device == stored.device
+        ):
+            return value
+    return keras.ops.convert_to_tensor(value)
+
+
 def stored_form(variable: keras.Variable, value: Tensor) -> Tensor:
     """`value` cut from the gradient, in the dtype `variable` stores (torch)."""
     stored = variable._value
-    value = value.detach()
+    if value.requires_grad:
+        value = value.detach()
     if value.dtype != stored.dtype:
         value = value.to(stored.dtype)
     return value
@@ -205,6 +221,65 @@ def next_count_in_place(current: Tensor) -> Tensor:
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+# ------------------------------------------------------------ hot-path ops
+#
+# A few `keras.ops` functions the per-step statistics call often, with the
+# same results. On PyTorch, which runs eagerly, a Keras op costs several
+# times the torch op it wraps (dispatch, dtype and device checks, tree
+# walks); these call torch directly. Elsewhere they are the Keras ops (on
+# JAX and TensorFlow they run once, when the step is traced).
+
+
+def sum_keepdims(x: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """`ops.sum(x, axis=axes, keepdims=True)` for a float `x` and axes `!= ()`."""
+    if BACKEND == "torch":
+        return x.sum(dim=axes, keepdim=True)
+    return keras.ops.sum(x, axis=axes, keepdims=True)
+
+
+def maximum(x: Tensor, y: Tensor | float) -> Tensor:
+    """`ops.maximum(x, y)` for a float tensor `x` (NaN propagates)."""
+    if BACKEND == "torch":
+        import torch
+
+        if isinstance(y, float):
+            return torch.clamp_min(x, y)
+        return torch.maximum(x, y)
+    return keras.ops.maximum(x, y)
+
+
+def where(condition: Tensor, x: Tensor, y: Tensor | float) -> Tensor:
+    """`ops.where(condition, x, y)` for a float tensor `x`."""
+    if BACKEND == "torch":
+        import torch
+
+        return torch.where(condition, x, y)
+    return keras.ops.where(condition, x, y)
+
+
+def square(x: Tensor) -> Tensor:
+    """`ops.square(x)` for a float tensor `x`."""
+    if BACKEND == "torch":
+        return x.square()
+    return keras.ops.square(x)
+
+
+def full_like(x: Tensor, value: float) -> Tensor:
+    """`ops.full_like(x, value)`: a tensor of `x`'s shape and dtype."""
+    if BACKEND == "torch":
+        import torch
+
+        return torch.full_like(x, value)
+    return keras.ops.full_like(x, value)
+
+
+def reshape(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """`ops.reshape(x, shape)` for a tensor `x`."""
+    if BACKEND == "torch":
+        return x.reshape(shape)
+    return keras.ops.reshape(x, shape)
 
 
 def accumulator(name: str, scope: str) -> keras.Variable:

@@ -585,7 +585,7 @@ class StatefulLayer(keras.layers.Layer):
                     '`ops.cast(ids, "int32")`.'
                 )
             expected = (indices.shape[0], *expected[1:])
-        value = ops.convert_to_tensor(rest[-1])
+        value = _backend.as_tensor_for(variable, rest[-1])
         shape = tuple(value.shape)
         if len(shape) != len(expected) or any(
             a is not None and b is not None and a != b
