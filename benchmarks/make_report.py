@@ -474,7 +474,33 @@ def vector_quantizer_table(backend: str, record: dict) -> list[str]:
 
 def native(backend: str, record: dict) -> Section:
     """Question 5: against Keras's BatchNormalization and native code."""
-    return native_tables(backend, record), native_headlines(record["ratios"])
+    lines = native_tables(backend, record)
+    heads = native_headlines(record["ratios"])
+    update = record["ratios"]["update"]
+    for figure in record.get("goals", {}):
+        goal = Goal.of(record, figure)
+        value = update[figure]["median"]
+        lines.append(
+            goal_line(
+                f"update alone: {figure.replace('_over_', ' ÷ ')}", update[figure], goal
+            )
+        )
+        heads.append(
+            Headline.ratio(
+                f"update alone: {figure.replace('_over_', ' ÷ ')}",
+                value,
+                f"batch {record.get('batch')} x {record.get('width')}",
+                goal,
+            )
+        )
+    if "aten_ops_per_update" in record:
+        counts = ", ".join(
+            f"{name} {count}" for name, count in record["aten_ops_per_update"].items()
+        )
+        lines.append(f"- ATen ops per update (torch.profiler, top level): {counts}")
+    if record.get("goals") or "aten_ops_per_update" in record:
+        lines.append("")
+    return lines, heads
 
 
 def native_tables(backend: str, record: dict) -> list[str]:

@@ -120,6 +120,171 @@ def assign_rows(variable: keras.Variable, indices: Tensor, rows: Tensor) -> None
         )
 
 
+def writes_in_place() -> bool:
+    """Whether a commit may write the variables' storage directly now.
+
+    True on eager PyTorch outside a stateless scope and outside the
+    compiler: `commit_state` then takes the fused path below (a few torch
+    ops for the whole commit instead of a Keras op per step). Elsewhere the
+    update is built from `keras.ops` (once, at trace time, on JAX and
+    TensorFlow).
+    """
+    if BACKEND != "torch" or in_stateless_scope():
+        return False
+    import torch
+
+    return not torch.compiler.is_compiling()
+
+
+def as_tensor_for(variable: keras.Variable, value: Any) -> Tensor:
+    """`ops.convert_to_tensor(value)`; a torch tensor on the variable's device as is."""
+    if BACKEND == "torch":
+        import torch
+
+        stored = variable._value
+        if (
+            isinstance(value, torch.Tensor)
+            and stored is not None
+            and value.device == stored.device
+        ):
+            return value
+    return keras.ops.convert_to_tensor(value)
+
+
+def stored_form(variable: keras.Variable, value: Tensor) -> Tensor:
+    """`value` cut from the gradient, in the dtype `variable` stores (torch)."""
+    stored = variable._value
+    if value.requires_grad:
+        value = value.detach()
+    if value.dtype != stored.dtype:
+        value = value.to(stored.dtype)
+    return value
+
+
+def all_finite_in_place(values: list[Tensor]) -> Tensor | None:
+    """A 0-d bool tensor: every float value finite; None if none is float.
+
+    Small values (the per-feature statistics of a commit) are checked with
+    one `isfinite(...).all()` over their concatenation; large ones one by
+    one, so that no copy of a large state is made.
+    """
+    import torch
+
+    floats = [value for value in values if value.is_floating_point()]
+    if not floats:
+        return None
+    if len(floats) == 1:
+        return torch.isfinite(floats[0]).all()
+    if sum(value.numel() for value in floats) <= _CONCATENATE_UP_TO:
+        return torch.isfinite(torch.cat([v.reshape(-1) for v in floats])).all()
+    checks = [torch.isfinite(value).all() for value in floats]
+    return torch.stack(checks).all()
+
+
+# Values checked together (one concatenation) up to this many elements.
+_CONCATENATE_UP_TO = 1 << 16
+
+
+def write_where_in_place(updates: Any, gate: Tensor) -> None:
+    """`variable = where(gate, value, variable)` in the variables' storage.
+
+    `updates` are `(variable, indices or None, value)` with `value` in the
+    variable's stored dtype (`stored_form`). A whole variable takes one
+    `torch.where` written into it; rows take a select, a where and an
+    `index_copy_`, at a cost that does not grow with the variable's rows.
+    """
+    import torch
+
+    with torch.no_grad():
+        for variable, indices, value in updates:
+            stored = variable._value
+            if indices is None:
+                if _shares_memory(value, stored):
+                    value = value.clone()  # `out=` refuses a partial overlap
+                torch.where(gate, value, stored, out=stored)
+            else:
+                indices = indices.to(torch.long)
+                old = stored.index_select(0, indices)
+                stored.index_copy_(0, indices, torch.where(gate, value, old))
+
+
+def count_in_place(counter: keras.Variable, condition: Tensor) -> None:
+    """`counter += 1` where `condition` holds, stopping at `COUNTER_LIMIT`."""
+    import torch
+
+    with torch.no_grad():
+        stored = counter._value
+        stored.add_(condition & (stored != COUNTER_LIMIT))
+
+
+def next_count_in_place(current: Tensor) -> Tensor:
+    """`current + 1` for an int32 counter, stopping at `COUNTER_LIMIT` (torch)."""
+    return current + (current != COUNTER_LIMIT)
+
+
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
+# ------------------------------------------------------------ hot-path ops
+#
+# A few `keras.ops` functions the per-step statistics call often, with the
+# same results. On PyTorch, which runs eagerly, a Keras op costs several
+# times the torch op it wraps (dispatch, dtype and device checks, tree
+# walks); these call torch directly. Elsewhere they are the Keras ops (on
+# JAX and TensorFlow they run once, when the step is traced).
+
+
+def sum_keepdims(x: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """`ops.sum(x, axis=axes, keepdims=True)` for a float `x` and axes `!= ()`."""
+    if BACKEND == "torch":
+        return x.sum(dim=axes, keepdim=True)
+    return keras.ops.sum(x, axis=axes, keepdims=True)
+
+
+def maximum(x: Tensor, y: Tensor | float) -> Tensor:
+    """`ops.maximum(x, y)` for a float tensor `x` (NaN propagates)."""
+    if BACKEND == "torch":
+        import torch
+
+        if isinstance(y, float):
+            return torch.clamp_min(x, y)
+        return torch.maximum(x, y)
+    return keras.ops.maximum(x, y)
+
+
+def where(condition: Tensor, x: Tensor, y: Tensor | float) -> Tensor:
+    """`ops.where(condition, x, y)` for a float tensor `x`."""
+    if BACKEND == "torch":
+        import torch
+
+        return torch.where(condition, x, y)
+    return keras.ops.where(condition, x, y)
+
+
+def square(x: Tensor) -> Tensor:
+    """`ops.square(x)` for a float tensor `x`."""
+    if BACKEND == "torch":
+        return x.square()
+    return keras.ops.square(x)
+
+
+def full_like(x: Tensor, value: float) -> Tensor:
+    """`ops.full_like(x, value)`: a tensor of `x`'s shape and dtype."""
+    if BACKEND == "torch":
+        import torch
+
+        return torch.full_like(x, value)
+    return keras.ops.full_like(x, value)
+
+
+def reshape(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """`ops.reshape(x, shape)` for a tensor `x`."""
+    if BACKEND == "torch":
+        return x.reshape(shape)
+    return keras.ops.reshape(x, shape)
+
+
 def accumulator(name: str, scope: str) -> keras.Variable:
     """A float32 scalar for a logged sum: outside the weights, summed on read.
 

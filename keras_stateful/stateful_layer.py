@@ -435,40 +435,69 @@ class StatefulLayer(keras.layers.Layer):
         if gate is None:
             return
         window, self._window.pending = self._window.pending, None
-        new_values = []
-        for variable, _, value in checked:
-            value = ops.stop_gradient(ops.cast(value, variable.dtype))
-            _backend.check_assignable(value, self.name)
-            new_values.append(value)
-        when = gate if window is None else ops.logical_and(gate, window.closes)
+        in_place = _backend.writes_in_place()
+        new_values = [self._stored_form(v, value, in_place) for v, _, value in checked]
+        when = gate if window is None else gate & window.closes
         skipped = None
         if self.guard_non_finite:
-            finite = _all_finite(new_values)
+            finite = _all_finite(new_values, in_place)
             if finite is not None:
-                skipped = ops.logical_and(when, ops.logical_not(finite))
-                when = ops.logical_and(when, finite)
+                skipped = when & ~finite
+                when = when & finite
         if window is not None:
-            dropped = ops.logical_and(gate, ops.logical_not(window.finite))
-            skipped = dropped if skipped is None else ops.logical_or(skipped, dropped)
+            dropped = gate & ~window.finite
+            skipped = dropped if skipped is None else skipped | dropped
             self._write(self._window.next_values(window), gate)
         if skipped is not None:
-            self._skipped_updates.assign(
-                next_count(self._skipped_updates, ops.cast(skipped, "int32"))
-            )
+            self._count(skipped, in_place)
         self._write(
             [
                 (v, i, value)
                 for (v, i, _), value in zip(checked, new_values, strict=True)
             ],
             when,
+            in_place,
         )
 
-    def _write(self, updates: Sequence[tuple[Any, ...]], gate: Tensor) -> None:
+    def _stored_form(
+        self, variable: keras.Variable, value: Tensor, in_place: bool
+    ) -> Tensor:
+        """`value` cut from the gradient and cast to `variable`'s dtype."""
+        if in_place:
+            return _backend.stored_form(variable, value)
+        value = ops.stop_gradient(ops.cast(value, variable.dtype))
+        _backend.check_assignable(value, self.name)
+        return value
+
+    def _count(self, skipped: Tensor, in_place: bool) -> None:
+        """One more skipped update where `skipped` holds."""
+        if in_place:
+            _backend.count_in_place(self._skipped_updates, skipped)
+            return
+        self._skipped_updates.assign(
+            next_count(self._skipped_updates, ops.cast(skipped, "int32"))
+        )
+
+    def _write(
+        self,
+        updates: Sequence[tuple[Any, ...]],
+        gate: Tensor,
+        in_place: bool | None = None,
+    ) -> None:
         """Store each new value where `gate` holds, else keep the old one."""
+        if in_place is None:
+            in_place = _backend.writes_in_place()
+        triples = []
         for update in updates:
             variable, *rest = update
             indices = rest[0] if len(rest) == 2 else None
-            value = ops.cast(rest[-1], variable.dtype)
+            triples.append(
+                (variable, indices, self._stored_form(variable, rest[-1], in_place))
+            )
+        if in_place:
+            _backend.write_where_in_place(triples, gate)
+            return
+        for variable, indices, value in triples:
             if indices is None:
                 old = _backend.read_value(variable)
                 _backend.assign(variable, ops.where(gate, value, old))
@@ -556,7 +585,7 @@ class StatefulLayer(keras.layers.Layer):
                     '`ops.cast(ids, "int32")`.'
                 )
             expected = (indices.shape[0], *expected[1:])
-        value = ops.convert_to_tensor(rest[-1])
+        value = _backend.as_tensor_for(variable, rest[-1])
         shape = tuple(value.shape)
         if len(shape) != len(expected) or any(
             a is not None and b is not None and a != b
@@ -574,22 +603,25 @@ class StatefulLayer(keras.layers.Layer):
         if not self.may_update(training):
             return None
         if not ops.is_tensor(training):
-            return ops.cast(_backend.read_value(self._state_updates_enabled), "bool")
+            return self._updates_enabled()
         training = ops.cast(training, "bool")
         if len(training.shape) != 0:
             raise ValueError(
                 f"Layer '{self.name}': a tensor `training` must be a scalar; "
                 f"received shape {tuple(training.shape)}."
             )
-        return ops.logical_and(
-            training,
-            ops.cast(_backend.read_value(self._state_updates_enabled), "bool"),
-        )
+        return training & self._updates_enabled()
+
+    def _updates_enabled(self) -> Tensor:
+        """The `freeze_state` switch as a bool tensor (False when frozen)."""
+        return ops.cast(_backend.read_value(self._state_updates_enabled), "bool")
 
 
 def next_count(counter: keras.Variable, step: Any = 1) -> Tensor:
     """`counter + step` for an int32 counter, stopping at 2**31 - 1 (no wrap)."""
     current = _backend.read_value(counter)
+    if isinstance(step, int) and step == 1 and _backend.writes_in_place():
+        return _backend.next_count_in_place(current)
     return current + ops.minimum(
         ops.cast(step, "int32"), _backend.COUNTER_LIMIT - current
     )
@@ -617,8 +649,10 @@ def find_stateful_layers(model: keras.layers.Layer) -> list[StatefulLayer]:
     return [layer for layer in layers if isinstance(layer, StatefulLayer)]
 
 
-def _all_finite(values: list[Tensor]) -> Tensor | None:
+def _all_finite(values: list[Tensor], in_place: bool = False) -> Tensor | None:
     """A scalar bool tensor: all float values finite; None if none is float."""
+    if in_place:
+        return _backend.all_finite_in_place(values)
     checks = [
         ops.all(ops.isfinite(value))
         for value in values

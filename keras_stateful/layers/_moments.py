@@ -3,6 +3,7 @@ exact merge into running ones, and the exponential moving average."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,13 +71,13 @@ def batch_moments(
     axes = tuple(reduce_axes)
 
     def global_sum(values: Tensor) -> Tensor:
-        return distributed.cross_replica_sum(ops.sum(values, axis=axes, keepdims=True))
+        return distributed.cross_replica_sum(_backend.sum_keepdims(values, axes))
 
     if mask is None:
         # Every value counts: no weights, no selects (on eager PyTorch each
         # is one more pass over the batch).
         total = global_sum(x)
-        count = global_sum(ops.ones_like(total) * _values_per_feature(x, axes))
+        count = global_sum(_values_per_feature(total, x, axes))
     else:
         weight = ops.cast(mask, "float32")
         while len(weight.shape) < len(x.shape):
@@ -87,7 +88,7 @@ def batch_moments(
         total = global_sum(weight * x)
         count = global_sum(weight)
 
-    safe_count = ops.maximum(count, 1e-30)
+    safe_count = _backend.maximum(count, 1e-30)
     if shift is None or shift_valid is not None:
         first_pass = total / safe_count
         shift = (
@@ -96,16 +97,16 @@ def batch_moments(
     centred = x - shift
     if mask is None:
         first = global_sum(centred)
-        second = global_sum(ops.square(centred))
+        second = global_sum(_backend.square(centred))
     else:
         centred = ops.where(present, centred, 0.0)
         first = global_sum(weight * centred)
         second = global_sum(weight * ops.square(centred))
     mean_offset = first / safe_count
-    m2 = ops.maximum(second - first * mean_offset, 0.0)
+    m2 = _backend.maximum(second - first * mean_offset, 0.0)
     # Nothing seen (an empty or fully masked batch): a NaN mean, so that the
     # base class's non-finite guard skips the update and counts the skip.
-    mean_offset = ops.where(count > 0, mean_offset, float("nan"))
+    mean_offset = _backend.where(count > 0, mean_offset, float("nan"))
     return count, shift, mean_offset, m2
 
 
@@ -116,7 +117,10 @@ def ema(old: keras.Variable, new: Tensor, momentum: float | Tensor) -> Tensor:
     a power, so `ema` of a zero-started value divided by `1 - momentum**t`
     is debiased exactly.
     """
-    m = ops.convert_to_tensor(momentum, "float32")
+    if ops.is_tensor(momentum):
+        m = ops.cast(momentum, "float32")
+    else:
+        m = ops.convert_to_tensor(momentum, "float32")
     return m * _backend.read_value(old) + (1.0 - m) * new
 
 
@@ -178,7 +182,9 @@ def moments_by_name(
     moments: tuple[Tensor, ...], shape: tuple[int, ...]
 ) -> dict[str, Tensor]:
     """`batch_moments`' results by name, reshaped to the per-feature `shape`."""
-    return {k: ops.reshape(v, shape) for k, v in zip(MOMENTS, moments, strict=True)}
+    return {
+        k: _backend.reshape(v, shape) for k, v in zip(MOMENTS, moments, strict=True)
+    }
 
 
 def merge_batch_moments(
@@ -214,10 +220,17 @@ def _two_sum(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return total, (a - (total - b_kept)) + (b - b_kept)
 
 
-def _values_per_feature(x: Tensor, axes: tuple[int, ...]) -> Tensor:
-    """How many values of `x` each feature has: the product of `axes`' sizes."""
+def _values_per_feature(like: Tensor, x: Tensor, axes: tuple[int, ...]) -> Tensor:
+    """How many values of `x` each feature has, in the shape and dtype of `like`.
+
+    The product of `axes`' sizes: a constant when they are known (one op),
+    else computed from the dynamic shape.
+    """
     shape = ops.shape(x)
+    sizes = [shape[axis] for axis in axes]
+    if all(isinstance(size, int) for size in sizes):
+        return _backend.full_like(like, float(math.prod(sizes)))
     count = ops.convert_to_tensor(1.0, "float32")
-    for axis in axes:
-        count = count * ops.cast(shape[axis], "float32")
-    return count
+    for size in sizes:
+        count = count * ops.cast(size, "float32")
+    return ops.ones_like(like) * count

@@ -151,15 +151,14 @@ class MovingMoments(StatefulLayer):
         variance = stats["m2"] / divisor
 
         counter = next_count(self.counter)
-        steps = ops.cast(counter, "float32")
         if self.momentum is None:
-            momentum = 1.0 - 1.0 / steps
+            momentum = 1.0 - 1.0 / ops.cast(counter, "float32")
         else:
             momentum = ops.convert_to_tensor(self.momentum, "float32")
         if self.zero_debias:
             mean_hidden = ema(self.mean_hidden, mean, momentum)
             variance_hidden = ema(self.variance_hidden, variance, momentum)
-            debias = 1.0 - ops.power(momentum, steps)
+            debias = 1.0 - ops.power(momentum, ops.cast(counter, "float32"))
             self.commit_state(
                 (self.mean_hidden, mean_hidden),
                 (self.variance_hidden, variance_hidden),
