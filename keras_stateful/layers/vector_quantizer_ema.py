@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any
 
 import keras
@@ -147,12 +148,19 @@ class VectorQuantizerEMA(StatefulLayer):
         decay: float = 0.99,
         epsilon: float = 1e-5,
         embeddings_initializer: Any = None,
-        restart_threshold: float | None = None,
+        threshold_ema_dead_code: float | None = None,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        use_cosine_sim: bool = False,
         seed: int | None = None,
+        restart_threshold: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         layer = "VectorQuantizerEMA"
+        threshold_ema_dead_code, threshold_name = _dead_code_threshold(
+            threshold_ema_dead_code, restart_threshold, self.name
+        )
 
         def example(extra: str = "") -> str:
             return f"VectorQuantizerEMA(num_embeddings=512, embedding_dim=64{extra})"
@@ -188,16 +196,26 @@ class VectorQuantizerEMA(StatefulLayer):
             exclusive_minimum=0.0,
             meaning="it keeps unused codes from a division by zero",
         )
-        self.restart_threshold = _checks.optional(
+        self.threshold_ema_dead_code = _checks.optional(
             _checks.number,
-            restart_threshold,
-            "restart_threshold",
+            threshold_ema_dead_code,
+            threshold_name,
             or_none="None (no restarts)",
             layer=layer,
-            example=example(", restart_threshold=1.0"),
+            example=example(", threshold_ema_dead_code=1.0"),
             exclusive_minimum=0.0,
             meaning="a moving count of inputs per batch",
         )
+        self.kmeans_init = _flag(kmeans_init, "kmeans_init", self.name)
+        self.kmeans_iters = _checks.integer(
+            kmeans_iters,
+            "kmeans_iters",
+            layer=layer,
+            example=example(", kmeans_init=True, kmeans_iters=10"),
+            minimum=1,
+            meaning="Lloyd iterations over the first training batch",
+        )
+        self.use_cosine_sim = _flag(use_cosine_sim, "use_cosine_sim", self.name)
         self.seed = _checks.optional(
             _checks.integer,
             seed,
@@ -223,14 +241,18 @@ class VectorQuantizerEMA(StatefulLayer):
         self.ema_cluster_size_hidden = None
         self.ema_dw_hidden = None
         self.counter = None
+        self.initialized = None
         for key in ("perplexity", "usage", "commitment_loss"):
             self.add_logged_value(f"{self.name}_{key}")
 
     def build(self, input_shape: Any) -> None:
         self._check_shape(tuple(input_shape))
         codes, dim = self.num_embeddings, self.embedding_dim
+        initializer = self.embeddings_initializer
+        if self.use_cosine_sim:
+            initializer = _UnitRows(initializer)
         self.embeddings = self.add_state(
-            "embeddings", (codes, dim), initializer=self.embeddings_initializer
+            "embeddings", (codes, dim), initializer=initializer
         )
         self.ema_cluster_size = self.add_state("ema_cluster_size", (codes,))
         self.ema_dw = self.add_state("ema_dw", (codes, dim))
@@ -239,7 +261,7 @@ class VectorQuantizerEMA(StatefulLayer):
         )
         self.ema_dw_hidden = self.add_state("ema_dw_hidden", (codes, dim))
         self.counter = self.add_state("counter", (), dtype="int32")
-        if self.restart_threshold is not None:
+        if self.threshold_ema_dead_code is not None:
             first_seed = self._first_seed
 
             def seed_initializer(shape: Any, dtype: Any = None) -> Tensor:
@@ -251,6 +273,8 @@ class VectorQuantizerEMA(StatefulLayer):
                 initializer=seed_initializer,
                 dtype=_backend.SEED_DTYPE,
             )
+        if self.kmeans_init:
+            self.initialized = self.add_state("initialized", (), dtype="bool")
         self.add_statistic("counts", (codes,))
         self.add_statistic("sums", (codes, dim))
 
@@ -271,9 +295,16 @@ class VectorQuantizerEMA(StatefulLayer):
             self.add_loss(ops.sum(x) * 0.0)
             return ops.cast(x, self.compute_dtype)
 
-        # Search and loss with the codebook before the update.
-        embeddings = _backend.read_value(self.embeddings)
+        if self.use_cosine_sim:
+            x = _unit_rows(x)
         flat = ops.stop_gradient(ops.reshape(x, (-1, self.embedding_dim)))
+        updating = self.may_update(training)
+        if updating and self.kmeans_init:
+            self._initialize_once(flat, training)
+
+        # Search and loss with the codebook before the update (after the
+        # k-means initialisation, on the first training batch).
+        embeddings = _backend.read_value(self.embeddings)
         codes = self._nearest_codes(flat, embeddings)
         quantized = ops.reshape(ops.take(embeddings, codes, axis=0), ops.shape(x))
         loss = self.commitment_cost * ops.mean(
@@ -286,7 +317,6 @@ class VectorQuantizerEMA(StatefulLayer):
         # the logged perplexity and usage need them) and in an evaluation
         # that every replica takes part in; otherwise over this replica's
         # batch, so that no replica waits for another.
-        updating = self.may_update(training)
         counts, sums = self._code_statistics(flat, codes, with_sums=updating)
         if updating or logged_values.evaluating_on_all_replicas():
             counts = distributed.cross_replica_sum(counts)
@@ -314,9 +344,27 @@ class VectorQuantizerEMA(StatefulLayer):
             "embeddings_initializer": keras.initializers.serialize(
                 self.embeddings_initializer
             ),
-            "restart_threshold": self.restart_threshold,
+            "threshold_ema_dead_code": self.threshold_ema_dead_code,
+            "kmeans_init": self.kmeans_init,
+            "kmeans_iters": self.kmeans_iters,
+            "use_cosine_sim": self.use_cosine_sim,
             "seed": self.seed,
         }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> VectorQuantizerEMA:
+        # Files saved before the rename hold `restart_threshold`: load them
+        # quietly (their owner cannot edit them).
+        config = dict(config)
+        legacy = config.pop("restart_threshold", None)
+        if legacy is not None and config.get("threshold_ema_dead_code") is None:
+            config["threshold_ema_dead_code"] = legacy
+        return super().from_config(config)
+
+    @property
+    def restart_threshold(self) -> float | None:
+        """Deprecated name of `threshold_ema_dead_code`."""
+        return self.threshold_ema_dead_code
 
     # ------------------------------------------------------------- the steps
 
@@ -418,6 +466,78 @@ class VectorQuantizerEMA(StatefulLayer):
         self.log_value(f"{self.name}_usage", usage, count=batch)
         self.log_value(f"{self.name}_commitment_loss", loss, count=batch)
 
+    def _initialize_once(self, flat: Tensor, training: Any) -> None:
+        """K-means over the first training batch; the EMAs set to agree with it.
+
+        Committed before the search, so that this batch is quantized with
+        the new codebook. Once `initialized` holds, the state is recommitted
+        as it is (a copy): `ops.cond` picks the values, the commit follows.
+        """
+        names = ("embeddings", "ema_cluster_size", "ema_dw")
+        names += ("ema_cluster_size_hidden", "ema_dw_hidden", "counter")
+        current = tuple(_backend.read_value(getattr(self, n)) for n in names)
+        initialized = ops.cast(_backend.read_value(self.initialized), "bool")
+
+        def keep() -> tuple[Tensor, ...]:
+            return current
+
+        def initialize() -> tuple[Tensor, ...]:
+            data, valid = distributed.cross_replica_gather(flat)
+            means, sizes = self._kmeans(data, valid)
+            rate = 1.0 - ops.convert_to_tensor(self.decay, "float32")
+            dw = means * sizes[:, None]
+            # As if the k-means clusters were the first EMA observation:
+            # counter 1, hidden = (1 - g) * average, so that the next step
+            # averages this batch with them instead of replacing them.
+            counter = ops.ones((), "int32")
+            return (means, sizes, dw, rate * sizes, rate * dw, counter)
+
+        values = ops.cond(initialized, keep, initialize)
+        self.commit_state(
+            *zip((getattr(self, n) for n in names), values, strict=True),
+            (self.initialized, ops.ones((), "bool")),
+            training=training,
+        )
+
+    def _kmeans(self, data: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Lloyd's k-means over the valid rows of `data`: means `(K, D)`, sizes.
+
+        The K starting means are the rows at positions `floor(k * n / K)` of
+        the `n` valid rows in order (every row once if `n == K`, repeated if
+        `n < K`): no draw, so one device and any split of the batch over
+        replicas start alike. A cluster that loses all its rows keeps its
+        mean. The sizes are those of the last assignment.
+        """
+        codes = self.num_embeddings
+        rows = ops.shape(data)[0]
+        index = ops.arange(rows, dtype="int32")
+        if valid is None:
+            weights = ops.ones((rows,), "float32")
+            order = index
+        else:
+            weights = ops.cast(valid, "float32")
+            # The valid rows first, in their order (padding rows last).
+            order = ops.argsort(ops.where(valid, index, index + rows))
+        n = ops.sum(weights)
+        k = ops.arange(codes, dtype="float32")
+        positions = ops.cast(ops.floor((k * n + 0.5) / codes), "int32")
+        means = ops.take(data, ops.take(order, positions), axis=0)
+        weighted = data * weights[:, None]
+
+        def lloyd(_: Any, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            means, _ = state
+            nearest = self._nearest_codes(data, means)
+            sizes = ops.segment_sum(weights, nearest, codes)
+            sums = ops.segment_sum(weighted, nearest, codes)
+            new = sums / ops.maximum(sizes, 1.0)[:, None]
+            if self.use_cosine_sim:
+                new = _unit_rows(new)
+            return ops.where(sizes[:, None] > 0, new, means), sizes
+
+        return ops.fori_loop(
+            0, self.kmeans_iters, lloyd, (means, ops.zeros((codes,), "float32"))
+        )
+
     def _update(
         self, sums: Tensor, counts: Tensor, flat: Tensor, training: Any
     ) -> None:
@@ -438,26 +558,16 @@ class VectorQuantizerEMA(StatefulLayer):
             * total
         )
         embeddings = dw / smoothed[:, None]
+        if self.use_cosine_sim:
+            embeddings = _unit_rows(embeddings)
 
         extra: list[tuple[keras.Variable, Tensor]] = []
-        if self.restart_threshold is not None and self.restart_seed is not None:
-            threshold = self.restart_threshold
+        if self.restart_seed is not None:
+            # After this step's EMA, so that the EMA cannot undo the restart
+            # (encodec#61): the dead codes' averages are reset with them.
+            threshold = self.threshold_ema_dead_code
             dead = cluster_size < threshold
-            rows = ops.cast(ops.shape(flat)[0], "float32")
-            # Draw from the generator's current seed, and advance it only
-            # with the update: a frozen or skipped step leaves it alone.
-            seed = _backend.read_value(self.restart_seed)
-            draw = keras.random.uniform((self.num_embeddings,), seed=SeedValue(seed))
-            next_seed = seed + ops.convert_to_tensor([0, 1], dtype=seed.dtype)
-            picks = ops.minimum(
-                ops.cast(ops.floor(draw * rows), "int32"),
-                ops.cast(rows, "int32") - 1,
-            )
-            # Identical on every replica: the mean over replicas of the row
-            # each one drew (on one device, the row itself).
-            replicas = distributed.cross_replica_sum(ops.ones((), "float32"))
-            seeds = distributed.cross_replica_sum(ops.take(flat, picks, axis=0))
-            seeds = seeds / replicas
+            seeds, next_seed = self._restart_vectors(flat)
             embeddings = ops.where(dead[:, None], seeds, embeddings)
             cluster_size = ops.where(dead, threshold, cluster_size)
             dw = ops.where(dead[:, None], threshold * seeds, dw)
@@ -475,6 +585,27 @@ class VectorQuantizerEMA(StatefulLayer):
             *extra,
             training=training,
         )
+
+    def _restart_vectors(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch vector per code (`(K, D)`), and the seed that follows."""
+        rows = ops.cast(ops.shape(flat)[0], "float32")
+        # Draw from the generator's current seed, and advance it only
+        # with the update: a frozen or skipped step leaves it alone.
+        seed = _backend.read_value(self.restart_seed)
+        draw = keras.random.uniform((self.num_embeddings,), seed=SeedValue(seed))
+        next_seed = seed + ops.convert_to_tensor([0, 1], dtype=seed.dtype)
+        picks = ops.minimum(
+            ops.cast(ops.floor(draw * rows), "int32"),
+            ops.cast(rows, "int32") - 1,
+        )
+        # Identical on every replica: the mean over replicas of the row
+        # each one drew (on one device, the row itself).
+        replicas = distributed.cross_replica_sum(ops.ones((), "float32"))
+        seeds = distributed.cross_replica_sum(ops.take(flat, picks, axis=0))
+        seeds = seeds / replicas
+        if self.use_cosine_sim:
+            seeds = _unit_rows(seeds)
+        return seeds, next_seed
 
     # ---------------------------------------------------------------- checks
 
@@ -494,3 +625,56 @@ class VectorQuantizerEMA(StatefulLayer):
             f"{shape}. Project them first, e.g. `keras.layers.Dense("
             f"{self.embedding_dim})(x)` or a 1x1 convolution.{hint}"
         )
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    """`x / max(||x||, 1e-12)` along the last axis (PyTorch's F.normalize)."""
+    norm = ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
+    return x / ops.maximum(norm, 1e-12)
+
+
+class _UnitRows:
+    """An initializer whose rows are those of `initializer`, L2-normalised."""
+
+    def __init__(self, initializer: Any) -> None:
+        self.initializer = initializer
+
+    def __call__(self, shape: Any, dtype: Any = None) -> Tensor:
+        return _unit_rows(ops.cast(self.initializer(shape, dtype=dtype), "float32"))
+
+
+def _flag(value: Any, name: str, layer: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"Layer '{layer}': {name} must be True or False; received "
+            f"{value!r}. Write e.g. `VectorQuantizerEMA(512, 64, {name}=True)`."
+        )
+    return value
+
+
+def _dead_code_threshold(
+    threshold: float | None, restart_threshold: float | None, layer: str
+) -> tuple[float | None, str]:
+    """`threshold_ema_dead_code`, from its deprecated alias if need be, and
+    the name the caller used (for error messages)."""
+    if restart_threshold is None:
+        return threshold, "threshold_ema_dead_code"
+    if threshold is not None:
+        raise ValueError(
+            f"Layer '{layer}': received both threshold_ema_dead_code="
+            f"{threshold!r} and restart_threshold={restart_threshold!r}, two "
+            "names of the same setting. Write only `threshold_ema_dead_code="
+            f"{threshold!r}`."
+        )
+    warnings.warn(
+        f"Layer '{layer}': `restart_threshold` is now named "
+        "`threshold_ema_dead_code` (as in vector-quantize-pytorch); write "
+        f"`threshold_ema_dead_code={restart_threshold!r}`. The old name "
+        "still works, with the same meaning.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return restart_threshold, "restart_threshold"
