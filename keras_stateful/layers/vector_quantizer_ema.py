@@ -472,17 +472,19 @@ class VectorQuantizerEMA(StatefulLayer):
         Committed before the search, so that this batch is quantized with
         the new codebook. Once `initialized` holds, the state is recommitted
         as it is (a copy): `ops.cond` picks the values, the commit follows.
+        The batch is gathered from the replicas outside the conditional, on
+        every step: TensorFlow allows no collective inside one.
         """
         names = ("embeddings", "ema_cluster_size", "ema_dw")
         names += ("ema_cluster_size_hidden", "ema_dw_hidden", "counter")
         current = tuple(_backend.read_value(getattr(self, n)) for n in names)
         initialized = ops.cast(_backend.read_value(self.initialized), "bool")
+        data, valid = distributed.cross_replica_gather(flat)
 
         def keep() -> tuple[Tensor, ...]:
             return current
 
         def initialize() -> tuple[Tensor, ...]:
-            data, valid = distributed.cross_replica_gather(flat)
             means, sizes = self._kmeans(data, valid)
             rate = 1.0 - ops.convert_to_tensor(self.decay, "float32")
             dw = means * sizes[:, None]
