@@ -53,17 +53,45 @@ class VectorQuantizerEMA(StatefulLayer):
     - `embeddings = M_k / Ñ_k`
 
     As in Sonnet, a code that no input chose in the first training batch has
-    `M_k = 0` and moves to the origin. With `restart_threshold=t`, after the
-    update every code with `N_k < t` is restarted instead: its embedding
-    becomes an input vector of the current batch drawn uniformly at random
-    (with replacement, from the seed kept in the `restart_seed` state, so it
-    works in compiled `fit` on every backend and a resumed or reloaded model
-    draws the same vectors), `N_k = t` and `M_k = t * embedding` (hidden
-    values to match). A restarted code that attracts no input falls below
-    `t` again and is re-seeded at the next step. The seed advances only with
-    a committed update. In data-parallel training every replica
-    draws the same positions in its own batch and the new embedding is the
-    mean of those replicas' vectors, so that all replicas keep one codebook.
+    `M_k = 0` and moves to the origin. Three options, the ones
+    vector-quantize-pytorch's users rely on, change that:
+
+    - `threshold_ema_dead_code=t`: after the update every code with
+      `N_k < t` is restarted: its embedding becomes an input vector of the
+      current batch drawn uniformly at random (with replacement, from the
+      seed kept in the `restart_seed` state, so it works in compiled `fit` on
+      every backend and a resumed or reloaded model draws the same vectors),
+      `N_k = t` and `M_k = t * embedding` (hidden values to match). The
+      restart comes after the moving averages and resets them, so the same
+      step's average cannot undo it (encodec#61). A restarted code that
+      attracts no input falls below `t` again and is re-seeded at the next
+      step. The seed advances only with a committed update. In data-parallel
+      training every replica draws the same positions in its own batch and
+      the new embedding is the mean of those replicas' vectors, so that all
+      replicas keep one codebook. (`restart_threshold`, its former name,
+      still works and warns.)
+    - `kmeans_init=True`: the first training call runs `kmeans_iters`
+      iterations of Lloyd's k-means over the batch's vectors (the global
+      batch in data-parallel training), starting from the vectors at
+      positions `floor(k * n / K)` of the `n` (repeated when `n < K`; a
+      cluster that loses all its vectors keeps its mean). The codebook
+      becomes the means and the moving averages agree with them, as if the
+      clusters were a first observation: `counter = 1`, `N_k` the cluster
+      sizes, `M_k = N_k * mean_k`, hidden values `(1 - g)` times those. The
+      batch is then quantized with that codebook and the usual update
+      follows, so it averages the batch with the clusters instead of undoing
+      them (vector-quantize-pytorch#66). The `initialized` state (saved)
+      makes it run once; `reset_state()` clears it. Under gradient
+      accumulation the k-means takes the window's first micro-batch. Under
+      `tf.distribute` and `torch.distributed` the layer gathers its input
+      vectors from all replicas at every training step (the k-means needs
+      them on the first one, and TensorFlow allows no collective inside a
+      conditional); on one device and on JAX nothing is communicated.
+    - `use_cosine_sim=True`: inputs and codes are L2-normalised
+      (`x / max(||x||, 1e-12)`), so the nearest code is the one of highest
+      cosine similarity; the output, the loss and the averages use the
+      normalised inputs, and `embeddings = normalize(M_k / Ñ_k)` after each
+      update (restarts and k-means means normalised too).
 
     The counts and sums are segment sums over the codes (never an `N x K`
     one-hot), summed over replicas before the update, and the search holds
@@ -104,13 +132,20 @@ class VectorQuantizerEMA(StatefulLayer):
             codebook, i.e. `keras.initializers.VarianceScaling(scale=1.0,
             mode="fan_out", distribution="uniform", seed=seed)` here, uniform
             in `[-sqrt(3 / D), sqrt(3 / D)]`.
-        restart_threshold: Restart codes whose `ema_cluster_size` falls below
-            this value (a moving count of inputs per batch), `> 0`. Defaults
-            to `None` (no restart, as in Sonnet).
+        threshold_ema_dead_code: Restart codes whose `ema_cluster_size`
+            falls below this value (a moving count of inputs per batch),
+            `> 0`. Defaults to `None` (no restart, as in Sonnet).
+        kmeans_init: Initialise the codebook by k-means over the first
+            training batch. Defaults to `False`.
+        kmeans_iters: Lloyd iterations of that k-means, `>= 1`. Defaults to
+            `10`.
+        use_cosine_sim: L2-normalise inputs and codes. Defaults to `False`.
         seed: Integer seed of the default initializer and of the restarts.
             Defaults to `None`: a seed drawn when the layer is created, so
             `keras.utils.set_random_seed()` makes runs repeatable and
             `reset_state()` restores the same codebook.
+        restart_threshold: Deprecated name of `threshold_ema_dead_code`.
+            Defaults to `None`.
         **kwargs: `StatefulLayer` arguments (`guard_non_finite`, `name`, ...).
 
     Call arguments:
@@ -137,6 +172,9 @@ class VectorQuantizerEMA(StatefulLayer):
         - [van den Oord et al., 2017](https://arxiv.org/abs/1711.00937)
           (VQ-VAE; Appendix A.1 for the moving averages), and Sonnet's
           [`VectorQuantizerEMA`](https://github.com/google-deepmind/sonnet/blob/v2/sonnet/src/nets/vqvae.py)
+        - vector-quantize-pytorch's
+          [`EuclideanCodebook`](https://github.com/lucidrains/vector-quantize-pytorch)
+          (`kmeans_init`, `use_cosine_sim`, `threshold_ema_dead_code`)
     """
 
     def __init__(
