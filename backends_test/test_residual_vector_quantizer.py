@@ -52,7 +52,9 @@ def run_steps(layer, reference, batches):
         )
         losses = [float(keras.ops.convert_to_numpy(loss)) for loss in layer.losses]
         np.testing.assert_allclose(losses, [s[0] for s in stats], rtol=1e-4, atol=1e-7)
-        for stage, (loss, perplexity, usage) in zip(layer.quantizers, stats):
+        for stage, (loss, perplexity, usage) in zip(
+            layer.quantizers, stats, strict=True
+        ):
             logged = stage.logged_values()
             np.testing.assert_allclose(
                 logged[f"{stage.name}_perplexity"], perplexity, rtol=1e-5
@@ -61,7 +63,7 @@ def run_steps(layer, reference, batches):
             np.testing.assert_allclose(
                 logged[f"{stage.name}_commitment_loss"], loss, rtol=1e-4, atol=1e-7
             )
-        for stage, expected in zip(layer.quantizers, reference.stages):
+        for stage, expected in zip(layer.quantizers, reference.stages, strict=True):
             check_stage(stage, expected)
 
 

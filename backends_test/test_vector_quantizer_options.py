@@ -248,9 +248,7 @@ def test_cosine_sim_matches_numpy_over_steps(kmeans, rng):
     layer.build(batches[0].shape)
     initial = value_of(layer.embeddings)
     np.testing.assert_allclose(np.linalg.norm(initial, axis=1), 1.0, rtol=1e-6)
-    reference = NumpyVQ(
-        initial, 0.9, cosine=True, kmeans_iters=10 if kmeans else None
-    )
+    reference = NumpyVQ(initial, 0.9, cosine=True, kmeans_iters=10 if kmeans else None)
     run_steps(layer, reference, batches)
     norms = np.linalg.norm(value_of(layer.embeddings), axis=1)
     used = reference.cluster_size > 1e-3
@@ -319,7 +317,7 @@ def test_restart_threshold_is_a_deprecated_alias():
     assert old.threshold_ema_dead_code == new.restart_threshold == 2.0
     assert old.get_config() == {**new.get_config(), "name": old.name}
     assert "restart_threshold" not in new.get_config()
-    with pytest.raises(ValueError, match="both threshold_ema_dead_code=1.0 and"):
+    with pytest.raises(ValueError, match=r"both threshold_ema_dead_code=1\.0 and"):
         VectorQuantizerEMA(K, D, threshold_ema_dead_code=1.0, restart_threshold=1.0)
     # A config saved before the rename loads quietly.
     legacy = {**new.get_config(), "restart_threshold": 2.0}

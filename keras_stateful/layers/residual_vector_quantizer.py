@@ -170,9 +170,8 @@ class ResidualVectorQuantizer(StatefulLayer):
         first = self.quantizers[0]
         self.num_embeddings = first.num_embeddings
         self.embedding_dim = first.embedding_dim
-        self._stage_config = {
-            key: getattr(first, key) for key in _STAGE_ARGUMENTS
-        } | {"embeddings_initializer": embeddings_initializer}
+        self._stage_config = {key: getattr(first, key) for key in _STAGE_ARGUMENTS}
+        self._stage_config["embeddings_initializer"] = embeddings_initializer
 
     def build(self, input_shape: Any) -> None:
         self._check_shape(tuple(input_shape))

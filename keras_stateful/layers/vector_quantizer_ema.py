@@ -513,8 +513,14 @@ class VectorQuantizerEMA(StatefulLayer):
         The batch is gathered from the replicas outside the conditional, on
         every step: TensorFlow allows no collective inside one.
         """
-        names = ("embeddings", "ema_cluster_size", "ema_dw")
-        names += ("ema_cluster_size_hidden", "ema_dw_hidden", "counter")
+        names = (
+            "embeddings",
+            "ema_cluster_size",
+            "ema_dw",
+            "ema_cluster_size_hidden",
+            "ema_dw_hidden",
+            "counter",
+        )
         current = tuple(_backend.read_value(getattr(self, n)) for n in names)
         initialized = ops.cast(_backend.read_value(self.initialized), "bool")
         data, valid = distributed.cross_replica_gather(flat)
