@@ -275,6 +275,19 @@ def check_vector_quantizer(ns):
     assert int(value_of(ns["vq"].counter)) == 2  # 64 samples, batches of 32
 
 
+def check_residual_vector_quantizer(ns):
+    history = ns["history"].history
+    for i in range(4):
+        for key in ("perplexity", "usage", "commitment_loss"):
+            assert np.isfinite(history[f"rvq_{i}_{key}"][0])
+    assert [stage.name for stage in ns["rvq"].quantizers] == [
+        "rvq_0",
+        "rvq_1",
+        "rvq_2",
+        "rvq_3",
+    ]
+
+
 def check_logged_center_loss(ns):
     # Four samples at distance 1/2 * |(1, 1) - 0|^2 = 1 from zero centers.
     layer = ns.get("layer")
@@ -315,6 +328,7 @@ CHECKS = {
     "keras_stateful.layers.MovingAverage": check_moving_average,
     "keras_stateful.layers.MovingMoments": check_moving_moments,
     "keras_stateful.layers.PercentileNormalization": check_percentile_normalization,
+    "keras_stateful.layers.ResidualVectorQuantizer": check_residual_vector_quantizer,
     "keras_stateful.layers.RunningStandardization": check_running_standardization,
     "keras_stateful.layers.SpectralNormalization": check_spectral_normalization,
     "keras_stateful.layers.SyncBatchNormalization": check_sync_batch_normalization,

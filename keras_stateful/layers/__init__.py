@@ -8,6 +8,7 @@ from keras_stateful.layers.memory_queue import MemoryQueue
 from keras_stateful.layers.moving_average import MovingAverage
 from keras_stateful.layers.moving_moments import MovingMoments
 from keras_stateful.layers.percentile_normalization import PercentileNormalization
+from keras_stateful.layers.residual_vector_quantizer import ResidualVectorQuantizer
 from keras_stateful.layers.running_standardization import RunningStandardization
 from keras_stateful.layers.spectral_normalization import SpectralNormalization
 from keras_stateful.layers.sync_batch_normalization import SyncBatchNormalization
@@ -22,6 +23,7 @@ __all__ = [
     "MovingAverage",
     "MovingMoments",
     "PercentileNormalization",
+    "ResidualVectorQuantizer",
     "RunningStandardization",
     "SpectralNormalization",
     "SyncBatchNormalization",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Any
 
 import keras
@@ -52,17 +53,45 @@ class VectorQuantizerEMA(StatefulLayer):
     - `embeddings = M_k / Ñ_k`
 
     As in Sonnet, a code that no input chose in the first training batch has
-    `M_k = 0` and moves to the origin. With `restart_threshold=t`, after the
-    update every code with `N_k < t` is restarted instead: its embedding
-    becomes an input vector of the current batch drawn uniformly at random
-    (with replacement, from the seed kept in the `restart_seed` state, so it
-    works in compiled `fit` on every backend and a resumed or reloaded model
-    draws the same vectors), `N_k = t` and `M_k = t * embedding` (hidden
-    values to match). A restarted code that attracts no input falls below
-    `t` again and is re-seeded at the next step. The seed advances only with
-    a committed update. In data-parallel training every replica
-    draws the same positions in its own batch and the new embedding is the
-    mean of those replicas' vectors, so that all replicas keep one codebook.
+    `M_k = 0` and moves to the origin. Three options, the ones
+    vector-quantize-pytorch's users rely on, change that:
+
+    - `threshold_ema_dead_code=t`: after the update every code with
+      `N_k < t` is restarted: its embedding becomes an input vector of the
+      current batch drawn uniformly at random (with replacement, from the
+      seed kept in the `restart_seed` state, so it works in compiled `fit` on
+      every backend and a resumed or reloaded model draws the same vectors),
+      `N_k = t` and `M_k = t * embedding` (hidden values to match). The
+      restart comes after the moving averages and resets them, so the same
+      step's average cannot undo it (encodec#61). A restarted code that
+      attracts no input falls below `t` again and is re-seeded at the next
+      step. The seed advances only with a committed update. In data-parallel
+      training every replica draws the same positions in its own batch and
+      the new embedding is the mean of those replicas' vectors, so that all
+      replicas keep one codebook. (`restart_threshold`, its former name,
+      still works and warns.)
+    - `kmeans_init=True`: the first training call runs `kmeans_iters`
+      iterations of Lloyd's k-means over the batch's vectors (the global
+      batch in data-parallel training), starting from the vectors at
+      positions `floor(k * n / K)` of the `n` (repeated when `n < K`; a
+      cluster that loses all its vectors keeps its mean). The codebook
+      becomes the means and the moving averages agree with them, as if the
+      clusters were a first observation: `counter = 1`, `N_k` the cluster
+      sizes, `M_k = N_k * mean_k`, hidden values `(1 - g)` times those. The
+      batch is then quantized with that codebook and the usual update
+      follows, so it averages the batch with the clusters instead of undoing
+      them (vector-quantize-pytorch#66). The `initialized` state (saved)
+      makes it run once; `reset_state()` clears it. Under gradient
+      accumulation the k-means takes the window's first micro-batch. Under
+      `tf.distribute` and `torch.distributed` the layer gathers its input
+      vectors from all replicas at every training step (the k-means needs
+      them on the first one, and TensorFlow allows no collective inside a
+      conditional); on one device and on JAX nothing is communicated.
+    - `use_cosine_sim=True`: inputs and codes are L2-normalised
+      (`x / max(||x||, 1e-12)`), so the nearest code is the one of highest
+      cosine similarity; the output, the loss and the averages use the
+      normalised inputs, and `embeddings = normalize(M_k / Ñ_k)` after each
+      update (restarts and k-means means normalised too).
 
     The counts and sums are segment sums over the codes (never an `N x K`
     one-hot), summed over replicas before the update, and the search holds
@@ -103,13 +132,20 @@ class VectorQuantizerEMA(StatefulLayer):
             codebook, i.e. `keras.initializers.VarianceScaling(scale=1.0,
             mode="fan_out", distribution="uniform", seed=seed)` here, uniform
             in `[-sqrt(3 / D), sqrt(3 / D)]`.
-        restart_threshold: Restart codes whose `ema_cluster_size` falls below
-            this value (a moving count of inputs per batch), `> 0`. Defaults
-            to `None` (no restart, as in Sonnet).
+        threshold_ema_dead_code: Restart codes whose `ema_cluster_size`
+            falls below this value (a moving count of inputs per batch),
+            `> 0`. Defaults to `None` (no restart, as in Sonnet).
+        kmeans_init: Initialise the codebook by k-means over the first
+            training batch. Defaults to `False`.
+        kmeans_iters: Lloyd iterations of that k-means, `>= 1`. Defaults to
+            `10`.
+        use_cosine_sim: L2-normalise inputs and codes. Defaults to `False`.
         seed: Integer seed of the default initializer and of the restarts.
             Defaults to `None`: a seed drawn when the layer is created, so
             `keras.utils.set_random_seed()` makes runs repeatable and
             `reset_state()` restores the same codebook.
+        restart_threshold: Deprecated name of `threshold_ema_dead_code`.
+            Defaults to `None`.
         **kwargs: `StatefulLayer` arguments (`guard_non_finite`, `name`, ...).
 
     Call arguments:
@@ -136,6 +172,9 @@ class VectorQuantizerEMA(StatefulLayer):
         - [van den Oord et al., 2017](https://arxiv.org/abs/1711.00937)
           (VQ-VAE; Appendix A.1 for the moving averages), and Sonnet's
           [`VectorQuantizerEMA`](https://github.com/google-deepmind/sonnet/blob/v2/sonnet/src/nets/vqvae.py)
+        - vector-quantize-pytorch's
+          [`EuclideanCodebook`](https://github.com/lucidrains/vector-quantize-pytorch)
+          (`kmeans_init`, `use_cosine_sim`, `threshold_ema_dead_code`)
     """
 
     def __init__(
@@ -147,12 +186,19 @@ class VectorQuantizerEMA(StatefulLayer):
         decay: float = 0.99,
         epsilon: float = 1e-5,
         embeddings_initializer: Any = None,
-        restart_threshold: float | None = None,
+        threshold_ema_dead_code: float | None = None,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        use_cosine_sim: bool = False,
         seed: int | None = None,
+        restart_threshold: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         layer = "VectorQuantizerEMA"
+        threshold_ema_dead_code, threshold_name = _dead_code_threshold(
+            threshold_ema_dead_code, restart_threshold, self.name
+        )
 
         def example(extra: str = "") -> str:
             return f"VectorQuantizerEMA(num_embeddings=512, embedding_dim=64{extra})"
@@ -188,16 +234,26 @@ class VectorQuantizerEMA(StatefulLayer):
             exclusive_minimum=0.0,
             meaning="it keeps unused codes from a division by zero",
         )
-        self.restart_threshold = _checks.optional(
+        self.threshold_ema_dead_code = _checks.optional(
             _checks.number,
-            restart_threshold,
-            "restart_threshold",
+            threshold_ema_dead_code,
+            threshold_name,
             or_none="None (no restarts)",
             layer=layer,
-            example=example(", restart_threshold=1.0"),
+            example=example(", threshold_ema_dead_code=1.0"),
             exclusive_minimum=0.0,
             meaning="a moving count of inputs per batch",
         )
+        self.kmeans_init = _flag(kmeans_init, "kmeans_init", self.name)
+        self.kmeans_iters = _checks.integer(
+            kmeans_iters,
+            "kmeans_iters",
+            layer=layer,
+            example=example(", kmeans_init=True, kmeans_iters=10"),
+            minimum=1,
+            meaning="Lloyd iterations over the first training batch",
+        )
+        self.use_cosine_sim = _flag(use_cosine_sim, "use_cosine_sim", self.name)
         self.seed = _checks.optional(
             _checks.integer,
             seed,
@@ -223,14 +279,18 @@ class VectorQuantizerEMA(StatefulLayer):
         self.ema_cluster_size_hidden = None
         self.ema_dw_hidden = None
         self.counter = None
+        self.initialized = None
         for key in ("perplexity", "usage", "commitment_loss"):
             self.add_logged_value(f"{self.name}_{key}")
 
     def build(self, input_shape: Any) -> None:
         self._check_shape(tuple(input_shape))
         codes, dim = self.num_embeddings, self.embedding_dim
+        initializer = self.embeddings_initializer
+        if self.use_cosine_sim:
+            initializer = _UnitRows(initializer)
         self.embeddings = self.add_state(
-            "embeddings", (codes, dim), initializer=self.embeddings_initializer
+            "embeddings", (codes, dim), initializer=initializer
         )
         self.ema_cluster_size = self.add_state("ema_cluster_size", (codes,))
         self.ema_dw = self.add_state("ema_dw", (codes, dim))
@@ -239,7 +299,7 @@ class VectorQuantizerEMA(StatefulLayer):
         )
         self.ema_dw_hidden = self.add_state("ema_dw_hidden", (codes, dim))
         self.counter = self.add_state("counter", (), dtype="int32")
-        if self.restart_threshold is not None:
+        if self.threshold_ema_dead_code is not None:
             first_seed = self._first_seed
 
             def seed_initializer(shape: Any, dtype: Any = None) -> Tensor:
@@ -251,6 +311,8 @@ class VectorQuantizerEMA(StatefulLayer):
                 initializer=seed_initializer,
                 dtype=_backend.SEED_DTYPE,
             )
+        if self.kmeans_init:
+            self.initialized = self.add_state("initialized", (), dtype="bool")
         self.add_statistic("counts", (codes,))
         self.add_statistic("sums", (codes, dim))
 
@@ -271,9 +333,16 @@ class VectorQuantizerEMA(StatefulLayer):
             self.add_loss(ops.sum(x) * 0.0)
             return ops.cast(x, self.compute_dtype)
 
-        # Search and loss with the codebook before the update.
-        embeddings = _backend.read_value(self.embeddings)
+        if self.use_cosine_sim:
+            x = _unit_rows(x)
         flat = ops.stop_gradient(ops.reshape(x, (-1, self.embedding_dim)))
+        updating = self.may_update(training)
+        if updating and self.kmeans_init:
+            self._initialize_once(flat, training)
+
+        # Search and loss with the codebook before the update (after the
+        # k-means initialisation, on the first training batch).
+        embeddings = _backend.read_value(self.embeddings)
         codes = self._nearest_codes(flat, embeddings)
         quantized = ops.reshape(ops.take(embeddings, codes, axis=0), ops.shape(x))
         loss = self.commitment_cost * ops.mean(
@@ -286,7 +355,6 @@ class VectorQuantizerEMA(StatefulLayer):
         # the logged perplexity and usage need them) and in an evaluation
         # that every replica takes part in; otherwise over this replica's
         # batch, so that no replica waits for another.
-        updating = self.may_update(training)
         counts, sums = self._code_statistics(flat, codes, with_sums=updating)
         if updating or logged_values.evaluating_on_all_replicas():
             counts = distributed.cross_replica_sum(counts)
@@ -314,9 +382,27 @@ class VectorQuantizerEMA(StatefulLayer):
             "embeddings_initializer": keras.initializers.serialize(
                 self.embeddings_initializer
             ),
-            "restart_threshold": self.restart_threshold,
+            "threshold_ema_dead_code": self.threshold_ema_dead_code,
+            "kmeans_init": self.kmeans_init,
+            "kmeans_iters": self.kmeans_iters,
+            "use_cosine_sim": self.use_cosine_sim,
             "seed": self.seed,
         }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> VectorQuantizerEMA:
+        # Files saved before the rename hold `restart_threshold`: load them
+        # quietly (their owner cannot edit them).
+        config = dict(config)
+        legacy = config.pop("restart_threshold", None)
+        if legacy is not None and config.get("threshold_ema_dead_code") is None:
+            config["threshold_ema_dead_code"] = legacy
+        return super().from_config(config)
+
+    @property
+    def restart_threshold(self) -> float | None:
+        """Deprecated name of `threshold_ema_dead_code`."""
+        return self.threshold_ema_dead_code
 
     # ------------------------------------------------------------- the steps
 
@@ -418,6 +504,86 @@ class VectorQuantizerEMA(StatefulLayer):
         self.log_value(f"{self.name}_usage", usage, count=batch)
         self.log_value(f"{self.name}_commitment_loss", loss, count=batch)
 
+    def _initialize_once(self, flat: Tensor, training: Any) -> None:
+        """K-means over the first training batch; the EMAs set to agree with it.
+
+        Committed before the search, so that this batch is quantized with
+        the new codebook. Once `initialized` holds, the state is recommitted
+        as it is (a copy): `ops.cond` picks the values, the commit follows.
+        The batch is gathered from the replicas outside the conditional, on
+        every step: TensorFlow allows no collective inside one.
+        """
+        names = (
+            "embeddings",
+            "ema_cluster_size",
+            "ema_dw",
+            "ema_cluster_size_hidden",
+            "ema_dw_hidden",
+            "counter",
+        )
+        current = tuple(_backend.read_value(getattr(self, n)) for n in names)
+        initialized = ops.cast(_backend.read_value(self.initialized), "bool")
+        data, valid = distributed.cross_replica_gather(flat)
+
+        def keep() -> tuple[Tensor, ...]:
+            return current
+
+        def initialize() -> tuple[Tensor, ...]:
+            means, sizes = self._kmeans(data, valid)
+            rate = 1.0 - ops.convert_to_tensor(self.decay, "float32")
+            dw = means * sizes[:, None]
+            # As if the k-means clusters were the first EMA observation:
+            # counter 1, hidden = (1 - g) * average, so that the next step
+            # averages this batch with them instead of replacing them.
+            counter = ops.ones((), "int32")
+            return (means, sizes, dw, rate * sizes, rate * dw, counter)
+
+        values = ops.cond(initialized, keep, initialize)
+        self.commit_state(
+            *zip((getattr(self, n) for n in names), values, strict=True),
+            (self.initialized, ops.ones((), "bool")),
+            training=training,
+        )
+
+    def _kmeans(self, data: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Lloyd's k-means over the valid rows of `data`: means `(K, D)`, sizes.
+
+        The K starting means are the rows at positions `floor(k * n / K)` of
+        the `n` valid rows in order (every row once if `n == K`, repeated if
+        `n < K`): no draw, so one device and any split of the batch over
+        replicas start alike. A cluster that loses all its rows keeps its
+        mean. The sizes are those of the last assignment.
+        """
+        codes = self.num_embeddings
+        rows = ops.shape(data)[0]
+        index = ops.arange(rows, dtype="int32")
+        if valid is None:
+            weights = ops.ones((rows,), "float32")
+            order = index
+        else:
+            weights = ops.cast(valid, "float32")
+            # The valid rows first, in their order (padding rows last).
+            order = ops.argsort(ops.where(valid, index, index + rows))
+        n = ops.sum(weights)
+        k = ops.arange(codes, dtype="float32")
+        positions = ops.cast(ops.floor((k * n + 0.5) / codes), "int32")
+        means = ops.take(data, ops.take(order, positions), axis=0)
+        weighted = data * weights[:, None]
+
+        def lloyd(_: Any, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+            means, _ = state
+            nearest = self._nearest_codes(data, means)
+            sizes = ops.segment_sum(weights, nearest, codes)
+            sums = ops.segment_sum(weighted, nearest, codes)
+            new = sums / ops.maximum(sizes, 1.0)[:, None]
+            if self.use_cosine_sim:
+                new = _unit_rows(new)
+            return ops.where(sizes[:, None] > 0, new, means), sizes
+
+        return ops.fori_loop(
+            0, self.kmeans_iters, lloyd, (means, ops.zeros((codes,), "float32"))
+        )
+
     def _update(
         self, sums: Tensor, counts: Tensor, flat: Tensor, training: Any
     ) -> None:
@@ -438,26 +604,16 @@ class VectorQuantizerEMA(StatefulLayer):
             * total
         )
         embeddings = dw / smoothed[:, None]
+        if self.use_cosine_sim:
+            embeddings = _unit_rows(embeddings)
 
         extra: list[tuple[keras.Variable, Tensor]] = []
-        if self.restart_threshold is not None and self.restart_seed is not None:
-            threshold = self.restart_threshold
+        if self.restart_seed is not None:
+            # After this step's EMA, so that the EMA cannot undo the restart
+            # (encodec#61): the dead codes' averages are reset with them.
+            threshold = self.threshold_ema_dead_code
             dead = cluster_size < threshold
-            rows = ops.cast(ops.shape(flat)[0], "float32")
-            # Draw from the generator's current seed, and advance it only
-            # with the update: a frozen or skipped step leaves it alone.
-            seed = _backend.read_value(self.restart_seed)
-            draw = keras.random.uniform((self.num_embeddings,), seed=SeedValue(seed))
-            next_seed = seed + ops.convert_to_tensor([0, 1], dtype=seed.dtype)
-            picks = ops.minimum(
-                ops.cast(ops.floor(draw * rows), "int32"),
-                ops.cast(rows, "int32") - 1,
-            )
-            # Identical on every replica: the mean over replicas of the row
-            # each one drew (on one device, the row itself).
-            replicas = distributed.cross_replica_sum(ops.ones((), "float32"))
-            seeds = distributed.cross_replica_sum(ops.take(flat, picks, axis=0))
-            seeds = seeds / replicas
+            seeds, next_seed = self._restart_vectors(flat)
             embeddings = ops.where(dead[:, None], seeds, embeddings)
             cluster_size = ops.where(dead, threshold, cluster_size)
             dw = ops.where(dead[:, None], threshold * seeds, dw)
@@ -475,6 +631,27 @@ class VectorQuantizerEMA(StatefulLayer):
             *extra,
             training=training,
         )
+
+    def _restart_vectors(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch vector per code (`(K, D)`), and the seed that follows."""
+        rows = ops.cast(ops.shape(flat)[0], "float32")
+        # Draw from the generator's current seed, and advance it only
+        # with the update: a frozen or skipped step leaves it alone.
+        seed = _backend.read_value(self.restart_seed)
+        draw = keras.random.uniform((self.num_embeddings,), seed=SeedValue(seed))
+        next_seed = seed + ops.convert_to_tensor([0, 1], dtype=seed.dtype)
+        picks = ops.minimum(
+            ops.cast(ops.floor(draw * rows), "int32"),
+            ops.cast(rows, "int32") - 1,
+        )
+        # Identical on every replica: the mean over replicas of the row
+        # each one drew (on one device, the row itself).
+        replicas = distributed.cross_replica_sum(ops.ones((), "float32"))
+        seeds = distributed.cross_replica_sum(ops.take(flat, picks, axis=0))
+        seeds = seeds / replicas
+        if self.use_cosine_sim:
+            seeds = _unit_rows(seeds)
+        return seeds, next_seed
 
     # ---------------------------------------------------------------- checks
 
@@ -494,3 +671,56 @@ class VectorQuantizerEMA(StatefulLayer):
             f"{shape}. Project them first, e.g. `keras.layers.Dense("
             f"{self.embedding_dim})(x)` or a 1x1 convolution.{hint}"
         )
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _unit_rows(x: Tensor) -> Tensor:
+    """`x / max(||x||, 1e-12)` along the last axis (PyTorch's F.normalize)."""
+    norm = ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
+    return x / ops.maximum(norm, 1e-12)
+
+
+class _UnitRows:
+    """An initializer whose rows are those of `initializer`, L2-normalised."""
+
+    def __init__(self, initializer: Any) -> None:
+        self.initializer = initializer
+
+    def __call__(self, shape: Any, dtype: Any = None) -> Tensor:
+        return _unit_rows(ops.cast(self.initializer(shape, dtype=dtype), "float32"))
+
+
+def _flag(value: Any, name: str, layer: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(
+            f"Layer '{layer}': {name} must be True or False; received "
+            f"{value!r}. Write e.g. `VectorQuantizerEMA(512, 64, {name}=True)`."
+        )
+    return value
+
+
+def _dead_code_threshold(
+    threshold: float | None, restart_threshold: float | None, layer: str
+) -> tuple[float | None, str]:
+    """`threshold_ema_dead_code`, from its deprecated alias if need be, and
+    the name the caller used (for error messages)."""
+    if restart_threshold is None:
+        return threshold, "threshold_ema_dead_code"
+    if threshold is not None:
+        raise ValueError(
+            f"Layer '{layer}': received both threshold_ema_dead_code="
+            f"{threshold!r} and restart_threshold={restart_threshold!r}, two "
+            "names of the same setting. Write only `threshold_ema_dead_code="
+            f"{threshold!r}`."
+        )
+    warnings.warn(
+        f"Layer '{layer}': `restart_threshold` is now named "
+        "`threshold_ema_dead_code` (as in vector-quantize-pytorch); write "
+        f"`threshold_ema_dead_code={restart_threshold!r}`. The old name "
+        "still works, with the same meaning.",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return restart_threshold, "restart_threshold"

@@ -299,7 +299,11 @@ def check_stateless_call(record: _Record) -> None:
         id(v): ops.convert_to_numpy(value)
         for v, value in zip(layer.non_trainable_variables, new_values, strict=True)
     }
-    stateless_state = {v.name: by_id[id(v)] for v in layer.state_variables}
+    variables = layer.state_variables
+    stateless_state = {
+        key: by_id[id(v)]
+        for key, v in zip(_state_keys(variables), variables, strict=True)
+    }
     _expect_close(
         stateless_state, record.after_one, "stateless_call's new state",
         record.rtol, record.atol,
@@ -567,7 +571,23 @@ def state_snapshot(layer: StatefulLayer) -> Snapshot:
     state_snapshot(layer)["average"]  # about [0.1, 0.1, 0.1]
     ```
     """
-    return {v.name: np.array(ops.convert_to_numpy(v)) for v in layer.state_variables}
+    variables = layer.state_variables
+    return {
+        key: np.array(ops.convert_to_numpy(v))
+        for key, v in zip(_state_keys(variables), variables, strict=True)
+    }
+
+
+def _state_keys(variables: Sequence[keras.Variable]) -> list[str]:
+    """Each variable's name; a repeated name (a layer made of stages that
+    share variable names) gets `#1`, `#2`... for its later occurrences."""
+    seen: dict[str, int] = {}
+    keys = []
+    for variable in variables:
+        count = seen.get(variable.name, 0)
+        seen[variable.name] = count + 1
+        keys.append(variable.name if not count else f"{variable.name}#{count}")
+    return keys
 
 
 def variables_snapshot(model: keras.layers.Layer) -> Snapshot:

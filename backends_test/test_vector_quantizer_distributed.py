@@ -1,0 +1,109 @@
+"""VectorQuantizerEMA options and ResidualVectorQuantizer, data-parallel = one device.
+
+The model of `backends_test/vector_quantizer_worker.py` trains for 3 steps on the
+same global batches, once on one device and once data-parallel (JAX DataParallel
+on 4 CPU devices, TF MirroredStrategy on 2, torch DDP with batches of 9 and 7);
+every replica's state and weights must equal the one-device run within 1e-5.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from backends_test.helpers import BACKEND
+from backends_test.test_distributed import wait_for_ranks
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WORKER = "backends_test.vector_quantizer_worker"
+
+
+def run_worker(mode, out):
+    completed = subprocess.run(
+        [sys.executable, "-m", WORKER, mode, str(out)],
+        cwd=ROOT,
+        env={**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def assert_same_state(reference, replica, label):
+    # The run did update: k-means, then three EMA steps, in every quantizer.
+    counters = [path for path in reference if path.endswith("/counter")]
+    assert len(counters) == 4, counters
+    for path in counters:
+        assert int(reference[path]) == 4, path
+        assert bool(reference[path.replace("/counter", "/initialized")]), path
+    paths = {path.split("@")[0] for path in replica}
+    assert paths == reference.keys(), f"{label}: {paths ^ reference.keys()}"
+    for path, value in replica.items():
+        expected = reference[path.split("@")[0]]
+        np.testing.assert_allclose(
+            value, expected, rtol=1e-5, atol=1e-6, err_msg=f"{label}: {path}"
+        )
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
+def test_jax_data_parallel_on_four_devices_matches_one_device(tmp_path):
+    single = run_worker("single", tmp_path / "single.npz")
+    parallel = run_worker("jax-data-parallel", tmp_path / "parallel.npz")
+    assert_same_state(single, parallel, "DataParallel(4 CPU devices)")
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute on TensorFlow")
+def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path):
+    single = run_worker("single", tmp_path / "single.npz")
+    mirrored = run_worker("tf-mirrored", tmp_path / "mirrored.npz")
+    replicas = {path.split("@")[1] for path in mirrored if "@" in path}
+    assert replicas == {"0", "1"}, "each replica's copy must be checked"
+    assert_same_state(single, mirrored, "MirroredStrategy(2 CPU devices)")
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed on PyTorch")
+def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path):
+    single = run_worker("torch-single", tmp_path / "single.npz")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    handles = [log.open("w") for log in logs]
+    ranks = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                WORKER,
+                "torch-ddp",
+                str(tmp_path / f"rank{rank}.npz"),
+            ],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "KERAS_BACKEND": "torch",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "GLOO_SOCKET_IFNAME": "lo",
+                "RANK": str(rank),
+                "WORLD_SIZE": "2",
+            },
+            stdout=subprocess.DEVNULL,
+            stderr=handles[rank],
+        )
+        for rank in range(2)
+    ]
+    try:
+        wait_for_ranks(ranks, logs, timeout=240)
+    finally:
+        for handle in handles:
+            handle.close()
+    for rank in range(2):
+        replica = dict(np.load(tmp_path / f"rank{rank}.npz"))
+        assert_same_state(single, replica, f"DDP rank {rank} (batches of 9 and 7)")
