@@ -235,3 +235,23 @@ def test_percentile_normalization_steps_once_per_window_with_mean_percentiles():
     high = np.mean([np.percentile(m, 95) for m in x])
     np.testing.assert_allclose(value_of(layer.lo), 0.5 * low, rtol=1e-5)
     np.testing.assert_allclose(value_of(layer.hi), 0.5 * high, rtol=1e-5)
+
+
+def test_vq_kmeans_runs_on_the_first_micro_batch_then_one_ema_step_per_window():
+    layer = VectorQuantizerEMA(
+        6, 4, decay=0.9, seed=0, kmeans_init=True, accumulation_steps=2
+    )
+    first, second, third = windows(1)[0]
+    layer(first, training=True)
+    initial_codebook = value_of(layer.embeddings)
+    # K-means is committed at once (counter 1, as a first observation) while
+    # the window of the EMA step stays open.
+    assert bool(value_of(layer.initialized))
+    assert int(value_of(layer.counter)) == 1
+    assert int(value_of(layer.window_step_variable)) == 1
+    layer(second, training=True)
+    assert int(value_of(layer.counter)) == 2  # one EMA step for the window
+    assert int(value_of(layer.window_step_variable)) == 0
+    assert not np.array_equal(value_of(layer.embeddings), initial_codebook)
+    layer(third, training=True)
+    assert int(value_of(layer.counter)) == 2  # the next window is open
