@@ -16,12 +16,17 @@ import numpy as np
 from keras import ops
 
 from keras_stateful.layers import (
+    AveragedModel,
     CenterLoss,
     FakeQuant,
+    MemoryBank,
     MemoryQueue,
     MovingAverage,
     MovingMoments,
+    PercentileNormalization,
     RunningStandardization,
+    SpectralNormalization,
+    SyncBatchNormalization,
     VectorQuantizerEMA,
 )
 from keras_stateful.stateful_layer import StatefulLayer, find_stateful_layers
@@ -32,6 +37,26 @@ CLASSES = 3
 BATCH = 8
 QUEUE_SIZE = 12
 CODES = 6
+#: MemoryBank's rows: one per class, so that the labels serve as sample ids
+#: (a batch repeats ids, which the bank averages) and 3 is out of range.
+BANK_SIZE = CLASSES
+
+
+def seeded_dense(name: str) -> keras.layers.Dense:
+    """A built `Dense(FEATURES)` whose initial kernel is the same every time.
+
+    The wrappers' state is read from the wrapped layer's weights, so two
+    fresh instances (a model and its eager reference) must start alike.
+    Built here, outside the wrapper: a layer the wrapper builds gets the
+    wrapper's name in its variables' paths (`averaged/student/kernel`),
+    which a loaded model, building it on its own, does not have.
+    """
+    dense = keras.layers.Dense(
+        FEATURES, kernel_initializer=keras.initializers.GlorotUniform(seed=0), name=name
+    )
+    dense.build((None, FEATURES))
+    return dense
+
 
 #: Each stateful layer as the reliability tests use it, by short name.
 LAYERS = {
@@ -46,7 +71,24 @@ LAYERS = {
     "vector_quantizer_ema": lambda: VectorQuantizerEMA(
         CODES, FEATURES, decay=0.9, seed=0, name="vq"
     ),
+    "percentile_normalization": lambda: PercentileNormalization(
+        rate=0.1, debias=True, name="percentile"
+    ),
+    "memory_bank": lambda: MemoryBank(BANK_SIZE, momentum=0.5, seed=0, name="bank"),
+    "averaged_model": lambda: AveragedModel(
+        seeded_dense("student"), decay=0.9, name="averaged"
+    ),
+    "spectral_normalization": lambda: SpectralNormalization(
+        seeded_dense("spectral_dense"), name="spectral"
+    ),
+    "sync_batch_normalization": lambda: SyncBatchNormalization(
+        momentum=0.9, name="sync_bn"
+    ),
 }
+
+#: The layers whose state is computed from the wrapped layer's weights, not
+#: from the values of the inputs: a bad input value is no bad update for them.
+STATE_FROM_WEIGHTS = {"averaged_model", "spectral_normalization"}
 
 #: Further configurations with state of their own, saved as fixtures too.
 VARIANTS = {
@@ -61,12 +103,27 @@ COUNTERS = {
     "moments": "counter",
     "quant": "observations",
     "vq": "counter",
+    "percentile": "counter",
+    "averaged": "step",
 }
 
 
 def labelled(name: str) -> bool:
-    """Whether the layer is called on `[features, labels]`."""
-    return name == "center_loss"
+    """Whether the layer is called on `[features, labels]`.
+
+    MemoryBank takes the labels as its sample ids.
+    """
+    return name in ("center_loss", "memory_bank")
+
+
+def wrapped_kernel(layer: keras.layers.Layer) -> keras.Variable:
+    """The kernel of the layer a `STATE_FROM_WEIGHTS` wrapper holds."""
+    return layer.layer.kernel
+
+
+def not_batch_aligned(name: str) -> bool:
+    """Whether the layer returns its stored rows rather than one per sample."""
+    return name in ("memory_queue", "memory_bank")
 
 
 def data(steps: int, seed: int = 0, batch: int = BATCH) -> list[np.ndarray]:
@@ -84,9 +141,15 @@ def targets(n: int) -> np.ndarray:
 def one_layer_model(name: str) -> keras.Model:
     """`Dense -> layer -> head`: per-sample predictions that read the state.
 
-    Every model takes `[x, labels]` (labels unused but by CenterLoss) so
-    that one data set serves them all. The queue's output is not
-    batch-aligned; `ContractScore` reduces it to a score per sample.
+    Every model takes `[x, labels]` (labels unused but by CenterLoss, and
+    MemoryBank's sample ids) so that one data set serves them all. The
+    queue's and the bank's outputs are not batch-aligned; `ContractScore`
+    reduces them to a score per sample. AveragedModel's student is not
+    called by the model besides (so not trained): a `.keras` file of
+    `Dense -> student` and `Dense -> AveragedModel(student)` side by side
+    fails to load ("Layer 'student' expected 2 variables, but received 0";
+    not yet root-caused), which `every_layer_model` (student in series)
+    does not meet.
     """
     x = keras.Input((FEATURES,), name="x")
     labels = keras.Input((), dtype="int32", name="labels")
@@ -96,7 +159,7 @@ def one_layer_model(name: str) -> keras.Model:
         out = layer([hidden, labels])
     else:
         out = layer(hidden)
-    if name == "memory_queue":
+    if not_batch_aligned(name):
         score = ContractScore(dtype="float32", name="score")(out, [hidden])
         head = keras.layers.Dense(1, name="head")(hidden)
         outputs = keras.layers.Add(name="prediction")([head, score])
@@ -106,10 +169,18 @@ def one_layer_model(name: str) -> keras.Model:
 
 
 def every_layer_model(*, vq_restart_threshold: float | None = None) -> keras.Model:
-    """One model holding all seven layers, in series, and a queue on the side."""
+    """One model holding every layer: in series, and on the side those whose
+    output is not batch-aligned (the queue, the bank) or carries no gradient
+    (the average of the student in series)."""
     x = keras.Input((FEATURES,), name="x")
     labels = keras.Input((), dtype="int32", name="labels")
     h = keras.layers.Dense(FEATURES, name="dense")(x)
+    h = LAYERS["sync_batch_normalization"]()(h)
+    h = LAYERS["percentile_normalization"]()(h)
+    averaged = LAYERS["averaged_model"]()
+    teacher = averaged(h)
+    h = averaged.layer(h)
+    h = LAYERS["spectral_normalization"]()(h)
     h = LAYERS["running_standardization"]()(h)
     h = LAYERS["moving_moments"]()(h)
     h = LAYERS["moving_average"]()(h)
@@ -125,9 +196,11 @@ def every_layer_model(*, vq_restart_threshold: float | None = None) -> keras.Mod
     )
     h = vq(h)
     queue = LAYERS["memory_queue"]()(h)
-    score = ContractScore(dtype="float32", name="score")(queue, [h])
+    bank = LAYERS["memory_bank"]()([h, labels])
+    score = ContractScore(dtype="float32", name="score")([queue, bank], [h])
     head = keras.layers.Dense(1, name="head")(h)
-    outputs = keras.layers.Add(name="prediction")([head, score])
+    teacher_head = keras.layers.Dense(1, name="teacher_head")(teacher)
+    outputs = keras.layers.Add(name="prediction")([head, score, teacher_head])
     return keras.Model([x, labels], outputs, name="every_layer_model")
 
 

@@ -82,9 +82,9 @@ def test_inference_never_reduces_across_replicas(monkeypatch):
     for name in REDUCTIONS:
         real = getattr(distributed, name)
 
-        def spy(*args, _real=real, _name=name):
+        def spy(*args, _real=real, _name=name, **kwargs):
             calls.append(_name)
-            return _real(*args)
+            return _real(*args, **kwargs)
 
         monkeypatch.setattr(distributed, name, spy)
     model = all_layers.every_layer_model()

@@ -259,7 +259,14 @@ def test_a_non_finite_value_anywhere_skips_the_whole_update(name, row, column, v
     call(rng.normal(size=(8, F)).astype("float32"), training=True)
     before = state_snapshot(layer)
     x = rng.normal(size=(8, F)).astype("float32")
-    x[row, column] = value
+    if name in all_layers.STATE_FROM_WEIGHTS:
+        # Their state reads the wrapped layer's weights: the value goes there.
+        kernel = all_layers.wrapped_kernel(layer)
+        poisoned = keras.ops.convert_to_numpy(kernel).copy()
+        poisoned[row % poisoned.shape[0], column] = value
+        kernel.assign(poisoned)
+    else:
+        x[row, column] = value
     call(x, training=True)
     after = state_snapshot(layer)
     for key in before:

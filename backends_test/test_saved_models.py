@@ -84,9 +84,10 @@ def test_saved_model_loads_with_identical_state_and_predictions(path):
     model = keras.saving.load_model(path, compile=not foreign_torch)
 
     # Every weight and every state variable, and the optimizer's variables,
-    # bit for bit: dtype included, but for two integers whose dtype is the
-    # loading backend's: a restart seed (keras.random's seed dtype: uint32
-    # on JAX, int64 on TensorFlow, int32 on PyTorch) and the optimizer's step
+    # bit for bit: dtype included, but for integers whose dtype is the
+    # loading backend's: a seed kept as state (VectorQuantizerEMA's restart
+    # seed, MemoryBank's sampler seed: keras.random's seed dtype, uint32 on
+    # JAX, int64 on TensorFlow, int32 on PyTorch) and the optimizer's step
     # (int64 on TensorFlow, int32 elsewhere). Their values are kept.
     loaded = all_layers.values(model.weights)
     # 0.1.0 kept logged values (sums and counts) in weights; they load into
@@ -101,7 +102,9 @@ def test_saved_model_loads_with_identical_state_and_predictions(path):
         loaded.update(all_layers.values(model.optimizer.variables))
         expected.update(optimizer)
     backend_dtyped = [
-        p for p in expected if p.endswith(("/restart_seed", "/iteration"))
+        p
+        for p in expected
+        if p.endswith(("/restart_seed", "/sampler_seed", "/iteration"))
     ]
     for variable_path in backend_dtyped:
         value, stored = loaded.pop(variable_path), expected.pop(variable_path)

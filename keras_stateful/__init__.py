@@ -15,7 +15,7 @@ from keras_stateful.logged_values import (
 )
 from keras_stateful.stateful_layer import StatefulLayer, find_stateful_layers
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LogLayerValues",

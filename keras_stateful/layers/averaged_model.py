@@ -265,6 +265,9 @@ class AveragedModel(StatefulLayer):
         ]
         self.step = self.add_state("step", (), dtype="int32")
         self.num_updates = self.add_state("num_updates", (), dtype="int32")
+        # Checked by Keras before `call`: inputs the student would refuse are
+        # refused before the average moves, in an error naming the wrapper.
+        self.input_spec = self.layer.input_spec
         # With accumulation_steps=N: one update per window of N micro-batches
         # (the student's weights do not change within it), at its last one.
         self.add_statistic("micro_batches")

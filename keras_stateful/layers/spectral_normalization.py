@@ -160,6 +160,9 @@ class SpectralNormalization(StatefulLayer):
         u, v = warm_start(matrix.astype("float64"), self.epsilon)
         self.vector_u = self.add_state("vector_u", u.shape, _Constant(u))
         self.vector_v = self.add_state("vector_v", v.shape, _Constant(v))
+        # Checked by Keras before `call`: inputs the wrapped layer would refuse
+        # are refused before `u` and `v` move, in an error naming the wrapper.
+        self.input_spec = self.layer.input_spec
         self.built = True
 
     # ------------------------------------------------------------------ call
