@@ -93,7 +93,7 @@ STATE_FROM_WEIGHTS = {"averaged_model", "spectral_normalization"}
 #: Further configurations with state of their own, saved as fixtures too.
 VARIANTS = {
     "vector_quantizer_ema_restarts": lambda: VectorQuantizerEMA(
-        CODES, FEATURES, decay=0.9, seed=0, restart_threshold=0.5, name="vq"
+        CODES, FEATURES, decay=0.9, seed=0, threshold_ema_dead_code=0.5, name="vq"
     ),
 }
 
@@ -191,7 +191,7 @@ def every_layer_model(*, vq_restart_threshold: float | None = None) -> keras.Mod
         FEATURES,
         decay=0.9,
         seed=0,
-        restart_threshold=vq_restart_threshold,
+        threshold_ema_dead_code=vq_restart_threshold,
         name="vq",
     )
     h = vq(h)
