@@ -120,7 +120,7 @@ def test_report_from_quick_results(quick_run):
         "## 4. VectorQuantizerEMA",
         "## 5. Against",
         "## 6. AveragedModel",
-        "## 6. SyncBatchNormalization",
+        "## 7. SyncBatchNormalization",
     ):
         assert title in text
     assert "quick run" in text

@@ -94,7 +94,9 @@ def check_state_contract(
             on a list (e.g. `[features, labels]`). The batch size must be even
             and at least 2; it is split into two steps.
         jit_compile_modes: `jit_compile` values to run `fit` with. Defaults to
-            `("auto", False)`. `True` on PyTorch means `torch.compile`.
+            `("auto", False)`; a mode that compiles to the same as an earlier
+            one is run once (`"auto"` is eager on TensorFlow and PyTorch on
+            CPU). `True` on PyTorch means `torch.compile`.
         mixed_precision_policies: Policies to run `fit` under. Defaults to
             `("mixed_float16", "mixed_bfloat16")`; `()` skips the check.
         skip: Names of promises not to check (see above), e.g.
@@ -205,7 +207,7 @@ class _Record:
         )
         return cls(
             factory, arrays, multi, steps, initial_weights, initial, after_one,
-            after_two, tuple(jit_compile_modes), rtol, atol,
+            after_two, _distinct_modes(jit_compile_modes), rtol, atol,
         )  # fmt: skip
 
     @property
@@ -243,6 +245,26 @@ class _Record:
             self.fit(model, jit_compile)
             self._fitted[jit_compile] = (model, layer)
         return self._fitted[jit_compile]
+
+
+def _distinct_modes(modes: Sequence[bool | str]) -> tuple[bool | str, ...]:
+    """The modes, less those that compile to the same as an earlier one.
+
+    `"auto"` is XLA on JAX but eager on TensorFlow and PyTorch on CPU, where
+    `("auto", False)` would run the same program twice.
+    """
+    distinct: dict[bool, bool | str] = {}
+    for mode in modes:
+        distinct.setdefault(_resolved_jit_compile(mode), mode)
+    return tuple(distinct.values())
+
+
+def _resolved_jit_compile(mode: bool | str) -> bool:
+    if mode != "auto":
+        return bool(mode)
+    probe = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    probe.compile(loss="mse", jit_compile="auto")
+    return bool(probe.jit_compile)
 
 
 # ------------------------------------------------------------- the promises
