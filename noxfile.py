@@ -1,6 +1,6 @@
 """Sessions: the test matrix over the three Keras backends, lint, and the demo.
 
-python3 -m nox -s tests tests_oldest package   # what CI runs
+python3 -m nox -s tests tests_oldest package docs   # what CI runs
 python3 -m nox -s tests      # the whole matrix on the newest releases
 python3 -m nox -s demo       # the main job, on JAX
 python3 -m nox -s bench      # the benchmarks on every backend, then the report
