@@ -234,6 +234,10 @@ def run_torch_ddp():
             ],
         )
     )
+    # Free DDP while both ranks are here: its reducer, freed after the other
+    # rank has left, can block this one's exit.
+    del ddp
+    dist.barrier()
     if rank == 0:
         # Inference never communicates: rank 0 predicts alone, while rank 1
         # leaves. A collective here would wait for rank 1 until the timeout.
