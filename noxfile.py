@@ -44,6 +44,12 @@ OLDEST_DESELECT = [
     "--deselect",
     "backends_test/test_memory_queue.py"
     "::test_pointer_under_compiled_fit_matches_reference",
+    # The reference is the running Keras's own BatchNormalization: 3.14's
+    # rounds the gamma gradient differently (4e-6 relative on a rank-4,
+    # axis-1 input) from 3.15's, against which the 1e-6 tolerance is set.
+    "--deselect",
+    "backends_test/test_sync_batch_normalization.py"
+    "::test_one_device_equals_keras_batch_normalization",
     # The benchmark scripts' smoke runs (a minute, the slowest file) test the
     # harness, not the library against Keras; `tests` runs them.
     "--ignore",
