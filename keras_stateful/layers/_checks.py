@@ -17,6 +17,12 @@ import numbers
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
+import keras
+import numpy as np
+from keras import ops
+
+from keras_stateful import _backend
+
 _T = TypeVar("_T")
 
 _MOMENTUM_NOTE = (
@@ -242,3 +248,35 @@ def _refuse(
         f"{layer}: {name} must be {must}; received {name}={value!r}. Write "
         f"e.g. `{example}`." + (f" {note}" if note else "")
     )
+
+
+def integer_ids(ids: Any, layer: str, what: str, fix: str) -> Any:
+    """Integer ids of shape (B,) or (B, 1) as int32 `(B,)`, or a clear error.
+
+    `what` names them in the message ("class-id labels"), `fix` is the line
+    to write instead. The shape is the caller's to check first.
+    """
+    dtype = keras.backend.standardize_dtype(ids.dtype)
+    if "int" not in dtype:
+        raise TypeError(
+            f"Layer '{layer}': {what} must be integers; received dtype {dtype}. {fix}"
+        )
+    return ops.cast(ops.reshape(ids, (-1,)), "int32")
+
+
+def ids_in_range(ids: Any, size: int, layer: str, what: str, fix: str) -> None:
+    """Eagerly, an error naming the ids outside `[0, size)`.
+
+    In compiled code (the values are not known) it checks nothing: the
+    layers leave such ids out of the update and count them.
+    """
+    if not _backend.is_concrete(ids):
+        return
+    values = np.asarray(ops.convert_to_numpy(ids))
+    bad = values[(values < 0) | (values >= size)]
+    if bad.size:
+        more = " and more" if bad.size > 5 else ""
+        raise ValueError(
+            f"Layer '{layer}': {what} in [0, {size}); received "
+            f"{bad[:5].tolist()}{more}. {fix}"
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_stateful import _backend, distributed
@@ -312,23 +311,18 @@ class CenterLoss(StatefulLayer):
                 f"or (B, 1), or one-hot (B, {self.num_classes}); received shape "
                 f"{shape}."
             )
-        dtype = keras.backend.standardize_dtype(labels.dtype)
-        if "int" not in dtype:
-            raise TypeError(
-                f"Layer '{self.name}': class-id labels must be integers; "
-                f"received dtype {dtype}. Declare the labels input as "
-                '`keras.Input((), dtype="int32")` or cast them with '
-                '`ops.cast(labels, "int32")`.'
-            )
-        ids = ops.cast(ops.reshape(labels, (-1,)), "int32")
-        if _backend.is_concrete(ids):
-            values = np.asarray(ops.convert_to_numpy(ids))
-            bad = values[(values < 0) | (values >= self.num_classes)]
-            if bad.size:
-                raise ValueError(
-                    f"Layer '{self.name}': labels must be class ids in [0, "
-                    f"{self.num_classes}); received {bad[:5].tolist()}"
-                    f"{' and more' if bad.size > 5 else ''}. Raise "
-                    "num_classes or fix the labels."
-                )
+        ids = _checks.integer_ids(
+            labels,
+            self.name,
+            "class-id labels",
+            'Declare the labels input as `keras.Input((), dtype="int32")` or '
+            'cast them with `ops.cast(labels, "int32")`.',
+        )
+        _checks.ids_in_range(
+            ids,
+            self.num_classes,
+            self.name,
+            "labels must be class ids",
+            "Raise num_classes or fix the labels.",
+        )
         return ids

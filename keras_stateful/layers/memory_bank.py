@@ -7,7 +7,6 @@ import random
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_stateful import _backend, _torch_buffers, distributed
@@ -347,22 +346,18 @@ class MemoryBank(StatefulLayer):
                 f"Layer '{self.name}': sample_ids must have shape (B,) or "
                 f"(B, 1), one index per sample; received shape {shape}."
             )
-        dtype = keras.backend.standardize_dtype(sample_ids.dtype)
-        if "int" not in dtype:
-            raise TypeError(
-                f"Layer '{self.name}': sample_ids must be integers; received "
-                f"dtype {dtype}. Declare the input as `keras.Input((), dtype="
-                '"int32")` or cast them with `ops.cast(sample_ids, "int32")`.'
-            )
-        ids = ops.cast(ops.reshape(sample_ids, (-1,)), "int32")
-        if _backend.is_concrete(ids):
-            values = np.asarray(ops.convert_to_numpy(ids))
-            bad = values[(values < 0) | (values >= self.num_samples)]
-            if bad.size:
-                raise ValueError(
-                    f"Layer '{self.name}': sample_ids must be in [0, "
-                    f"{self.num_samples}); received {bad[:5].tolist()}"
-                    f"{' and more' if bad.size > 5 else ''}. Raise num_samples "
-                    "to the size of the dataset or fix the ids."
-                )
+        ids = _checks.integer_ids(
+            sample_ids,
+            self.name,
+            "sample_ids",
+            'Declare the input as `keras.Input((), dtype="int32")` or cast them '
+            'with `ops.cast(sample_ids, "int32")`.',
+        )
+        _checks.ids_in_range(
+            ids,
+            self.num_samples,
+            self.name,
+            "sample_ids must be",
+            "Raise num_samples to the size of the dataset or fix the ids.",
+        )
         return ids
