@@ -7,39 +7,16 @@ are fixed at start-up), so the runs are subprocesses of
 `backends_test/distributed_worker.py`.
 """
 
-import os
-import pathlib
-import socket
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pytest
 
-from backends_test import all_layers
+from backends_test import all_layers, launch
 from backends_test.helpers import BACKEND
 from keras_stateful import distributed
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
 
 def run_worker(mode, out, **env):
-    completed = subprocess.run(
-        [sys.executable, "-m", "backends_test.distributed_worker", mode, str(out)],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "KERAS_BACKEND": BACKEND,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return dict(np.load(out))
+    return launch.run_worker("distributed_worker", mode, out, **env)
 
 
 LOGGED = {
@@ -126,73 +103,13 @@ def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path, accumulate):
     assert_same_state(single, mirrored, "MirroredStrategy(2 CPU devices)")
 
 
-def wait_for_ranks(ranks, logs, timeout):
-    """Wait for every rank; if one fails or time runs out, stop all and report.
-
-    A rank that dies leaves the others blocked in a collective, so waiting on
-    rank 0 alone would hide the real error behind a timeout.
-    """
-    deadline = time.monotonic() + timeout
-    while any(process.poll() is None for process in ranks):
-        failed = [p for p in ranks if p.poll() not in (None, 0)]
-        if failed or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    for process in ranks:
-        if process.poll() is None:
-            process.kill()
-    reports = []
-    for rank, (process, log) in enumerate(zip(ranks, logs, strict=True)):
-        process.wait()
-        if process.returncode != 0:
-            stderr = log.read_text(errors="replace")[-3000:]
-            reports.append(f"rank {rank} exit {process.returncode}:\n{stderr}")
-    assert not reports, "\n\n".join(reports)
-
-
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed on PyTorch")
 @ACCUMULATE
 def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path, accumulate):
     single = run_worker("torch-single", tmp_path / "single.npz", ACCUMULATE=accumulate)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
-    handles = [log.open("w") for log in logs]
-    ranks = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "backends_test.distributed_worker",
-                "torch-ddp",
-                str(tmp_path / f"rank{rank}.npz"),
-            ],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "KERAS_BACKEND": "torch",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                # Both ranks are on this host: keep gloo on loopback rather than
-                # the address the host name resolves to (unreachable in sandboxes).
-                "GLOO_SOCKET_IFNAME": "lo",
-                "RANK": str(rank),
-                "WORLD_SIZE": "2",
-                "ACCUMULATE": accumulate,
-            },
-            stdout=subprocess.DEVNULL,
-            # A file, not a pipe: a full pipe would block a rank while we poll.
-            stderr=handles[rank],
-        )
-        for rank in range(2)
-    ]
-    try:
-        wait_for_ranks(ranks, logs, timeout=240)
-    finally:
-        for handle in handles:
-            handle.close()
-    for rank in range(2):
-        replica = dict(np.load(tmp_path / f"rank{rank}.npz"))
+    ranks = launch.run_torch_ranks(
+        "distributed_worker", "torch-ddp", tmp_path, ACCUMULATE=accumulate
+    )
+    for rank, replica in enumerate(ranks):
         assert replica.keys() == single.keys()
         assert_same_state(single, replica, f"DDP rank {rank} (batches of 9 and 7)")

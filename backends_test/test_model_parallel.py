@@ -10,19 +10,15 @@ with the same example. The runs are subprocesses of
 `backends_test/model_parallel_worker.py` (virtual devices are fixed at start).
 """
 
-import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from backends_test import launch
 from backends_test import model_parallel_worker as worker
 from backends_test.helpers import BACKEND
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEVICES = 4
 ROWS = {
     "centers/centers": worker.CLASSES,
@@ -37,21 +33,7 @@ SHAPE = re.compile(r"\b(?:pred|bf16|[fsu]\d+)\[([\d,]*)\]")
 
 
 def run_worker(mode, out, **env):
-    completed = subprocess.run(
-        [sys.executable, "-m", "backends_test.model_parallel_worker", mode, str(out)],
-        cwd=ROOT,
-        env={
-            **os.environ,
-            "KERAS_BACKEND": BACKEND,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return dict(np.load(out))
+    return launch.run_worker("model_parallel_worker", mode, out, timeout=600, **env)
 
 
 def state_of(result):

@@ -6,33 +6,17 @@ on 4 CPU devices, TF MirroredStrategy on 2, torch DDP with batches of 9 and 7);
 every replica's state and weights must equal the one-device run within 1e-5.
 """
 
-import os
-import pathlib
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
+from backends_test import launch
 from backends_test.helpers import BACKEND
-from backends_test.test_distributed import wait_for_ranks
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-WORKER = "backends_test.percentile_bank_worker"
+WORKER = "percentile_bank_worker"
 
 
 def run_worker(mode, out):
-    completed = subprocess.run(
-        [sys.executable, "-m", WORKER, mode, str(out)],
-        cwd=ROOT,
-        env={**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return dict(np.load(out))
+    return launch.run_worker(WORKER, mode, out)
 
 
 def assert_same_state(reference, replica, label):
@@ -68,40 +52,6 @@ def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path):
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed on PyTorch")
 def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path):
     single = run_worker("torch-single", tmp_path / "single.npz")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
-    handles = [log.open("w") for log in logs]
-    ranks = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                WORKER,
-                "torch-ddp",
-                str(tmp_path / f"rank{rank}.npz"),
-            ],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "KERAS_BACKEND": "torch",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "GLOO_SOCKET_IFNAME": "lo",
-                "RANK": str(rank),
-                "WORLD_SIZE": "2",
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=handles[rank],
-        )
-        for rank in range(2)
-    ]
-    try:
-        wait_for_ranks(ranks, logs, timeout=240)
-    finally:
-        for handle in handles:
-            handle.close()
-    for rank in range(2):
-        replica = dict(np.load(tmp_path / f"rank{rank}.npz"))
+    ranks = launch.run_torch_ranks(WORKER, "torch-ddp", tmp_path)
+    for rank, replica in enumerate(ranks):
         assert_same_state(single, replica, f"DDP rank {rank} (batches of 9 and 7)")

@@ -11,66 +11,24 @@
 The runs are subprocesses of `backends_test/sync_bn_worker.py`.
 """
 
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
+from backends_test import launch
 from backends_test import sync_bn_worker as worker
 from backends_test.helpers import BACKEND
-from backends_test.test_distributed import ROOT, wait_for_ranks
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
-MODULE = "backends_test.sync_bn_worker"
+WORKER = "sync_bn_worker"
 
 
 def run(mode, out):
-    completed = subprocess.run(
-        [sys.executable, "-m", MODULE, mode, str(out)],
-        cwd=ROOT,
-        env={**os.environ, "KERAS_BACKEND": BACKEND, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return dict(np.load(out))
+    return launch.run_worker(WORKER, mode, out)
 
 
 def run_torch_ranks(tmp_path, world=2):
     """`world` DDP ranks on loopback; each one's results, by rank."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    logs = [tmp_path / f"rank{rank}.log" for rank in range(world)]
-    handles = [log.open("w") for log in logs]
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-m", MODULE, "torch-ddp", str(tmp_path / f"{rank}.npz")],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "KERAS_BACKEND": "torch",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "GLOO_SOCKET_IFNAME": "lo",
-                "RANK": str(rank),
-                "WORLD_SIZE": str(world),
-            },
-            stdout=subprocess.DEVNULL,
-            stderr=handles[rank],
-        )
-        for rank in range(world)
-    ]
-    try:
-        wait_for_ranks(ranks, logs, timeout=240)
-    finally:
-        for handle in handles:
-            handle.close()
-    return [dict(np.load(tmp_path / f"{rank}.npz")) for rank in range(world)]
+    return launch.run_torch_ranks(WORKER, "torch-ddp", tmp_path, world=world)
 
 
 def assert_equal_runs(reference, parallel, label):
