@@ -57,6 +57,12 @@ OLDEST_DESELECT = [
 ]
 
 
+# The suite on every core (`-n auto`: 2 here), a test at a time to whichever
+# worker is free: the multi-process tests wait on their subprocesses much of
+# the time, and the rest is one core's work per test.
+PARALLEL = ["-n", "auto", "--dist", "worksteal"]
+
+
 def run_on(session: nox.Session, backend: str, *command: str) -> None:
     """Run `command` and the session's extra arguments with KERAS_BACKEND set."""
     session.run(
@@ -73,7 +79,7 @@ def tests(session: nox.Session, backend: str) -> None:
     if backend == "torch":
         session.install(TORCH_PIN)
     session.install("-e", f".[{backend},test,demo]")
-    run_on(session, backend, "pytest")
+    run_on(session, backend, "pytest", *PARALLEL)
 
 
 @nox.session
@@ -86,7 +92,7 @@ def tests_oldest(session: nox.Session) -> None:
     session.install("-e", ".[jax,test,demo]", *OLDEST_PINS)
     versions = "import keras, jax; print('keras', keras.__version__, jax.__version__)"
     session.run("python", "-c", versions, env={"KERAS_BACKEND": "jax"})
-    run_on(session, "jax", "pytest", "-m", "not slow", *OLDEST_DESELECT)
+    run_on(session, "jax", "pytest", *PARALLEL, "-m", "not slow", *OLDEST_DESELECT)
 
 
 @nox.session
