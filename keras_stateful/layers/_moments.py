@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_stateful import _backend, distributed
@@ -119,9 +120,10 @@ def ema(old: keras.Variable, new: Tensor, momentum: float | Tensor) -> Tensor:
     """
     if ops.is_tensor(momentum):
         m = ops.cast(momentum, "float32")
-    else:
-        m = ops.convert_to_tensor(momentum, "float32")
-    return m * _backend.read_value(old) + (1.0 - m) * new
+        return m * _backend.read_value(old) + (1.0 - m) * new
+    # Python numbers, each exactly a float32: no tensor to make per call.
+    m32 = np.float32(momentum)
+    return float(m32) * _backend.read_value(old) + float(np.float32(1) - m32) * new
 
 
 def merge_moments(

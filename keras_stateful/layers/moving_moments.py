@@ -153,8 +153,10 @@ class MovingMoments(StatefulLayer):
         counter = next_count(self.counter)
         if self.momentum is None:
             momentum = 1.0 - 1.0 / ops.cast(counter, "float32")
-        else:
+        elif self.zero_debias:
             momentum = ops.convert_to_tensor(self.momentum, "float32")
+        else:
+            momentum = self.momentum
         if self.zero_debias:
             mean_hidden = ema(self.mean_hidden, mean, momentum)
             variance_hidden = ema(self.variance_hidden, variance, momentum)
