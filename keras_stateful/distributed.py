@@ -76,6 +76,17 @@ def _torch_world() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def communicates() -> bool:
+    """Whether the collectives below communicate now; if not, each returns `x`.
+
+    A layer may then take a one-device shortcut with the same result (e.g.
+    `ops.mean` for a sum divided by a count).
+    """
+    if BACKEND == "tensorflow":
+        return tf_replica_context() is not None
+    return BACKEND == "torch" and _torch_world()
+
+
 def sum_over_processes(values: Any) -> Any:
     """A NumPy array summed over the processes of a `torch.distributed` group.
 

@@ -253,6 +253,13 @@ class SyncBatchNormalization(StatefulLayer):
         """Mean and biased variance over the global batch, with gradients."""
         axes = self._reduction_axes
         features = x.shape[self.axis]
+        if mask is None and not distributed.communicates():
+            # One device, or JAX's global array: the same moments from the
+            # local batch, without the sums and counts (4 ops instead of 15,
+            # which is what an eager PyTorch step pays for).
+            mean = ops.mean(x, axis=axes, keepdims=True)
+            variance = ops.mean(ops.square(x - mean), axis=axes)
+            return ops.reshape(mean, (features,)), variance
         if mask is None:
             weight = None
             per_feature = 1
