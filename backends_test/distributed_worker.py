@@ -20,16 +20,10 @@ single-device run.
 from __future__ import annotations
 
 import os
-import sys
 
-MODE = sys.argv[1] if __name__ == "__main__" else "single"
-if MODE == "jax-data-parallel":
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-elif MODE == "tf-mirrored":
-    os.environ["KERAS_BACKEND"] = "tensorflow"
-elif MODE == "torch-ddp":
-    os.environ["KERAS_BACKEND"] = "torch"
+from backends_test.worker_process import finish, prepare
+
+MODE = prepare(__name__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -181,10 +175,6 @@ def run_jax_data_parallel():
 def run_tf_mirrored():
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         keras.utils.set_random_seed(0)
@@ -276,4 +266,4 @@ RUNS = {
 }
 
 if __name__ == "__main__":
-    np.savez(sys.argv[2], **RUNS[MODE]())
+    finish(RUNS)

@@ -4,7 +4,8 @@ Virtual devices (JAX's host device count, TensorFlow's logical CPUs) and a
 `torch.distributed` group are fixed when a process starts, so each
 data-parallel run is a subprocess of one of the `*_worker.py` modules here.
 A worker is called as `python -m backends_test.<worker> MODE OUT.npz` and
-writes its results to `OUT.npz`.
+writes its results to `OUT.npz`; a data-parallel run also writes the
+one-device run it is compared with, which `reference` reads.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 import numpy as np
 
 from backends_test.helpers import BACKEND
+from backends_test.worker_process import reference_path
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -40,6 +42,14 @@ def run_worker(worker, mode, out, timeout=300, **env):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return dict(np.load(out))
+
+
+def reference(out):
+    """The one-device results a data-parallel run to `out` wrote beside it.
+
+    For torch DDP, `out` is rank 0's file (`folder / "rank0.npz"`).
+    """
+    return dict(np.load(reference_path(out)))
 
 
 def run_torch_ranks(worker, mode, folder, world=2, timeout=240, **env):

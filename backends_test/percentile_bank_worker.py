@@ -18,17 +18,9 @@ the state written to OUT.npz.
 
 from __future__ import annotations
 
-import os
-import sys
+from backends_test.worker_process import finish, leave_process_group, prepare
 
-MODE = sys.argv[1] if __name__ == "__main__" else "single"
-if MODE == "jax-data-parallel":
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-elif MODE == "tf-mirrored":
-    os.environ["KERAS_BACKEND"] = "tensorflow"
-elif MODE == "torch-ddp":
-    os.environ["KERAS_BACKEND"] = "torch"
+MODE = prepare(__name__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -122,10 +114,6 @@ def run_jax_data_parallel():
 def run_tf_mirrored():
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         keras.utils.set_random_seed(0)
@@ -165,7 +153,8 @@ def run_torch_ddp():
     model = build_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     result = torch_loop(dist.get_rank(), [9, GLOBAL_BATCH - 9], model, ddp)
-    dist.destroy_process_group()
+    del ddp
+    leave_process_group()
     return result
 
 
@@ -184,4 +173,4 @@ RUNS = {
 }
 
 if __name__ == "__main__":
-    np.savez(sys.argv[2], **RUNS[MODE]())
+    finish(RUNS)

@@ -19,17 +19,9 @@ replica's copy as `moving_mean@<i>`) and `gamma`, `beta`.
 
 from __future__ import annotations
 
-import os
-import sys
+from backends_test.worker_process import finish, prepare
 
-MODE = sys.argv[1] if __name__ == "__main__" else "single"
-if MODE == "jax-data-parallel":
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-elif MODE == "tf-mirrored":
-    os.environ["KERAS_BACKEND"] = "tensorflow"
-elif MODE == "torch-ddp":
-    os.environ["KERAS_BACKEND"] = "torch"
+MODE = prepare(__name__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -124,10 +116,6 @@ def run_jax_data_parallel():
 def run_tf_mirrored():
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         layer = make_layer()
@@ -210,4 +198,4 @@ RUNS = {
 }
 
 if __name__ == "__main__":
-    np.savez(sys.argv[2], **RUNS[MODE]())
+    finish(RUNS)

@@ -35,22 +35,22 @@ def assert_same_average(reference, replica, label):
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
 def test_jax_data_parallel_average_matches_one_device(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
     parallel = run_worker("jax-data-parallel", tmp_path / "parallel.npz")
+    single = launch.reference(tmp_path / "parallel.npz")
     assert_same_average(single, parallel, "DataParallel(4 devices)")
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute on TensorFlow")
 def test_tf_mirrored_replicas_average_matches_one_device(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
     mirrored = run_worker("tf-mirrored", tmp_path / "mirrored.npz")
+    single = launch.reference(tmp_path / "mirrored.npz")
     assert {p.split("@")[1] for p in mirrored if "@" in p} == {"0", "1"}
     assert_same_average(single, mirrored, "MirroredStrategy(2 CPU devices)")
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed on PyTorch")
 def test_torch_ddp_ranks_average_matches_one_process(tmp_path):
-    single = run_worker("torch-single", tmp_path / "single.npz")
     ranks = launch.run_torch_ranks(WORKER, "torch-ddp", tmp_path)
+    single = launch.reference(tmp_path / "rank0.npz")
     for rank, replica in enumerate(ranks):
         assert_same_average(single, replica, f"DDP rank {rank}")

@@ -86,8 +86,8 @@ ACCUMULATE = pytest.mark.parametrize(
 @ACCUMULATE
 def test_jax_data_parallel_on_four_devices_matches_one_device(tmp_path, accumulate):
     env = {"ACCUMULATE": accumulate}
-    single = run_worker("single", tmp_path / "single.npz", **env)
     parallel = run_worker("jax-data-parallel", tmp_path / "parallel.npz", **env)
+    single = launch.reference(tmp_path / "parallel.npz")
     assert parallel.keys() == single.keys()
     assert_same_state(single, parallel, "DataParallel(4 CPU devices)")
 
@@ -96,8 +96,8 @@ def test_jax_data_parallel_on_four_devices_matches_one_device(tmp_path, accumula
 @ACCUMULATE
 def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path, accumulate):
     env = {"ACCUMULATE": accumulate}
-    single = run_worker("single", tmp_path / "single.npz", **env)
     mirrored = run_worker("tf-mirrored", tmp_path / "mirrored.npz", **env)
+    single = launch.reference(tmp_path / "mirrored.npz")
     replicas = {path.split("@")[1] for path in mirrored if "@" in path}
     assert replicas == {"0", "1"}, "each replica's copy must be checked"
     assert_same_state(single, mirrored, "MirroredStrategy(2 CPU devices)")
@@ -106,10 +106,10 @@ def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path, accumulate):
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed on PyTorch")
 @ACCUMULATE
 def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path, accumulate):
-    single = run_worker("torch-single", tmp_path / "single.npz", ACCUMULATE=accumulate)
     ranks = launch.run_torch_ranks(
         "distributed_worker", "torch-ddp", tmp_path, ACCUMULATE=accumulate
     )
+    single = launch.reference(tmp_path / "rank0.npz")
     for rank, replica in enumerate(ranks):
         assert replica.keys() == single.keys()
         assert_same_state(single, replica, f"DDP rank {rank} (batches of 9 and 7)")

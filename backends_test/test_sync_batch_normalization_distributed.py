@@ -41,16 +41,16 @@ def assert_equal_runs(reference, parallel, label):
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
 def test_jax_data_parallel_equals_one_device(tmp_path):
-    single = run("single", tmp_path / "single.npz")
     parallel = run("jax-data-parallel", tmp_path / "parallel.npz")
+    single = launch.reference(tmp_path / "parallel.npz")
     assert parallel.keys() == single.keys()
     assert_equal_runs(single, parallel, "DataParallel(4 CPU devices)")
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute on TensorFlow")
 def test_tf_mirrored_replicas_equal_one_device(tmp_path):
-    single = run("single", tmp_path / "single.npz")
     mirrored = run("tf-mirrored", tmp_path / "mirrored.npz")
+    single = launch.reference(tmp_path / "mirrored.npz")
     copies = {key.split("@")[1] for key in mirrored if "@" in key}
     assert copies == {"0", "1"}, "each replica's copy must be checked"
     assert_equal_runs(single, mirrored, "MirroredStrategy(2 CPU devices, 9 + 7)")

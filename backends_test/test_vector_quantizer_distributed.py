@@ -37,15 +37,15 @@ def assert_same_state(reference, replica, label):
 
 @pytest.mark.skipif(BACKEND != "jax", reason="keras.distribution on JAX")
 def test_jax_data_parallel_on_four_devices_matches_one_device(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
     parallel = run_worker("jax-data-parallel", tmp_path / "parallel.npz")
+    single = launch.reference(tmp_path / "parallel.npz")
     assert_same_state(single, parallel, "DataParallel(4 CPU devices)")
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.distribute on TensorFlow")
 def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
     mirrored = run_worker("tf-mirrored", tmp_path / "mirrored.npz")
+    single = launch.reference(tmp_path / "mirrored.npz")
     replicas = {path.split("@")[1] for path in mirrored if "@" in path}
     assert replicas == {"0", "1"}, "each replica's copy must be checked"
     assert_same_state(single, mirrored, "MirroredStrategy(2 CPU devices)")
@@ -53,7 +53,7 @@ def test_tf_mirrored_strategy_replicas_match_one_device(tmp_path):
 
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.distributed on PyTorch")
 def test_torch_ddp_ranks_with_uneven_batches_match_one_process(tmp_path):
-    single = run_worker("torch-single", tmp_path / "single.npz")
     ranks = launch.run_torch_ranks(WORKER, "torch-ddp", tmp_path)
+    single = launch.reference(tmp_path / "rank0.npz")
     for rank, replica in enumerate(ranks):
         assert_same_state(single, replica, f"DDP rank {rank} (batches of 9 and 7)")

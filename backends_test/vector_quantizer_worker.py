@@ -20,17 +20,9 @@ their vectors are, by design, means over the replicas' own draws.)
 
 from __future__ import annotations
 
-import os
-import sys
+from backends_test.worker_process import finish, prepare
 
-MODE = sys.argv[1] if __name__ == "__main__" else "single"
-if MODE == "jax-data-parallel":
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-elif MODE == "tf-mirrored":
-    os.environ["KERAS_BACKEND"] = "tensorflow"
-elif MODE == "torch-ddp":
-    os.environ["KERAS_BACKEND"] = "torch"
+MODE = prepare(__name__)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -75,4 +67,4 @@ runner.data = data
 runner.build_model = build_model
 
 if __name__ == "__main__":
-    np.savez(sys.argv[2], **runner.RUNS[MODE]())
+    finish(runner.RUNS)
