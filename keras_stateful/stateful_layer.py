@@ -614,7 +614,7 @@ class StatefulLayer(keras.layers.Layer):
 
     def _updates_enabled(self) -> Tensor:
         """The `freeze_state` switch as a bool tensor (False when frozen)."""
-        return ops.cast(_backend.read_value(self._state_updates_enabled), "bool")
+        return _backend.read_value(self._state_updates_enabled)  # stored as bool
 
 
 def next_count(counter: keras.Variable, step: Any = 1) -> Tensor:
