@@ -224,3 +224,40 @@ def test_empty_batch_adds_zero_loss_and_moves_nothing(rng):
     assert [float(keras.ops.convert_to_numpy(loss)) for loss in layer.losses] == [0.0]
     for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's compiled step")
+def test_jax_train_step_writes_the_center_rows_in_place(rng):
+    # A training step reads the centers (loss and update) and writes some rows.
+    # Unless every read is ordered before the write, XLA copies all K rows to
+    # write them, every step: O(K * D) where the update is O(B log B + B * D).
+    import jax
+
+    classes, dim, batch = 3000, 8, 16
+    inputs = [keras.Input((dim,)), keras.Input((), dtype="int32")]
+    hidden = keras.layers.Dense(dim)(inputs[0])
+    hidden = CenterLoss(classes)([hidden, inputs[1]])
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    trainable = [v.value for v in model.trainable_variables]
+    state = [v.value for v in model.non_trainable_variables]
+
+    def step(trainable, state, x, y):
+        def loss_of(trainable):
+            out, state_now, losses = model.stateless_call(
+                trainable, state, [x, y], training=True, return_losses=True
+            )
+            return keras.ops.mean(out**2) + sum(losses), state_now
+
+        (_, state_now), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+        return [w - 0.1 * g for w, g in zip(trainable, grads, strict=True)], state_now
+
+    x = rng.normal(size=(batch, dim)).astype("float32")
+    y = rng.integers(0, classes, batch).astype("int32")
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, state, x, y)
+    hlo = compiled.compile().as_text()
+    copies = [
+        line
+        for line in hlo.splitlines()
+        if f"f32[{classes},{dim}]" in line and " copy(" in line
+    ]
+    assert not copies, copies
