@@ -10,20 +10,20 @@ from keras import ops
 
 from keras_stateful import _backend, distributed
 from keras_stateful.layers import _checks
+from keras_stateful.layers._groups import Groups, group_by_id
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
 
 
 @dataclass
 class _Update:
-    """One step's samples for the center update, grouped by class.
+    """One step's samples for the center update.
 
     `x`, `weight` (1 for a valid label), `safe_ids` and `skipped` are over
-    all replicas' samples. Without accumulation, `sample_run` gives each
-    sample's run of equal class ids (`slots` runs at most), `run_ids` and
-    `run_valid` each run's class (0 and False for none) and `run_centers` its
-    center before the update. `local`: nothing was gathered from other
-    replicas (the samples are this call's batch, in order).
+    all replicas' samples. Without accumulation, `groups` holds them grouped
+    by class and `run_centers` each group's center before the update.
+    `local`: nothing was gathered from other replicas (the samples are this
+    call's batch, in order).
     """
 
     x: Tensor
@@ -31,11 +31,8 @@ class _Update:
     safe_ids: Tensor
     skipped: Tensor
     local: bool
-    sample_run: Any = None
-    slots: Any = None
-    run_ids: Any = None
-    run_valid: Any = None
-    run_centers: Any = None
+    groups: Groups | None = None
+    run_centers: Tensor | None = None
 
 
 @keras.saving.register_keras_serializable(package="keras_stateful")
@@ -176,8 +173,8 @@ class CenterLoss(StatefulLayer):
         # the rows of this batch's classes, the loss takes its rows from them:
         # the centers are then read once, before they are written (on JAX a
         # second read could make XLA copy all the centers to write them).
-        if update is not None and update.local and update.run_centers is not None:
-            own_centers = ops.take(update.run_centers, update.sample_run, axis=0)
+        if update is not None and update.local and update.groups is not None:
+            own_centers = ops.take(update.run_centers, update.groups.sample_run, axis=0)
         else:
             own_centers = _backend.read_rows(self.centers, safe_ids)
         distance = 0.5 * ops.sum(ops.square(x - own_centers), axis=-1)
@@ -216,65 +213,27 @@ class CenterLoss(StatefulLayer):
         if self.accumulation_steps > 1:
             return update
 
-        # Group the samples by class in O(B log B): sort the class ids
-        # (invalid ones last), number the runs of equal ids, and send each
-        # sample to its run. There are at most min(B, K + 1) runs; the update
-        # computes one row per run, never a (B, D) copy of the features
-        # (sorted, or one class row per sample).
-        batch = ops.shape(x)[0]
-        slots = (
-            min(batch, self.num_classes + 1)
-            if isinstance(batch, int)
-            else ops.minimum(batch, self.num_classes + 1)
-        )
-        keys = ops.where(valid, ids, self.num_classes)
-        order = ops.argsort(keys)
-        sorted_keys = ops.take(keys, order)
-        run = self._run_index(sorted_keys)
-        # Each run's class (runs past the last one keep `num_classes`, i.e.
-        # none), and each sample's run in the batch's own order.
-        run_class = ops.scatter_update(
-            ops.full((slots,), self.num_classes, "int32"), run[:, None], sorted_keys
-        )
-        # (`order` is a permutation: a scatter with no duplicate index; Keras's
-        # `ops.scatter` adds, and loops over the indices in Python on PyTorch.)
-        update.sample_run = ops.scatter_update(
-            ops.zeros((batch,), "int32"), order[:, None], run
-        )
-        update.slots = slots
-        update.run_valid = run_class < self.num_classes
-        update.run_ids = ops.where(update.run_valid, run_class, 0)
-        update.run_centers = _backend.read_rows(self.centers, update.run_ids)
+        # The samples grouped by class (`_groups`): one row per class in the
+        # batch is read, computed and written, never a (B, D) copy of the
+        # features. O(B log B + B * D).
+        update.groups = group_by_id(ids, valid, self.num_classes)
+        update.run_centers = _backend.read_rows(self.centers, update.groups.ids)
         return update
 
     def _update_centers(self, update: _Update, training: bool | Tensor) -> None:
         """Eq. 4 on the rows of the classes in the batch (all replicas')."""
-        if self.accumulation_steps > 1:
+        groups, centers = update.groups, update.run_centers
+        if groups is None or centers is None:
             self._update_all_centers(
                 update.x, update.safe_ids, update.weight, update.skipped, training
             )
             return
-        # n_j and sum_i x_i per run, summed over the samples in place.
-        run_valid = update.run_valid
-        count = ops.segment_sum(
-            update.weight, update.sample_run, num_segments=update.slots
-        )[:, None]
-        class_sum = ops.segment_sum(
-            update.x, update.sample_run, num_segments=update.slots
-        )
-        # The run of invalid samples, and empty runs, sum to nothing.
-        class_sum = ops.where(run_valid[:, None], class_sum, 0.0)
-        centers = update.run_centers
-        delta = (count * centers - class_sum) / (1.0 + count)
-        new_rows = centers - self.alpha * delta
-
-        # Runs without a class write what the first run writes, so that
-        # duplicate indices carry identical rows (when every sample is
-        # invalid, that is row 0 unchanged).
-        rows_at = ops.where(run_valid, update.run_ids, update.run_ids[0])
-        new_rows = ops.where(run_valid[:, None], new_rows, new_rows[0:1])
+        # n_j and sum_i x_i per class; the invalid samples' group sums to 0.
+        count = groups.sums(update.weight)[:, None]
+        delta = (count * centers - groups.sums(update.x)) / (1.0 + count)
+        new_rows = groups.first_valid_where_not(centers - self.alpha * delta)
         self.commit_state(
-            (self.centers, rows_at, new_rows),
+            (self.centers, groups.rows_at(), new_rows),
             (
                 self.out_of_range_labels,
                 next_count(self.out_of_range_labels, update.skipped),
@@ -314,17 +273,6 @@ class CenterLoss(StatefulLayer):
             (self.centers, centers - self.alpha * delta),
             (self.out_of_range_labels, next_count(self.out_of_range_labels, skipped)),
             training=training,
-        )
-
-    @staticmethod
-    def _run_index(sorted_keys: Tensor) -> Tensor:
-        """For sorted keys, the index of each key's run of equal values.
-
-        `[3, 3, 5, 7, 7, 7]` gives `[0, 0, 1, 2, 2, 2]`.
-        """
-        starts = ops.not_equal(sorted_keys[1:], sorted_keys[:-1])
-        return ops.cumsum(
-            ops.concatenate([ops.zeros((1,), "int32"), ops.cast(starts, "int32")])
         )
 
     def get_config(self) -> dict[str, Any]:
