@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import keras_stateful
-from backends_test.helpers import value_of
+from backends_test.helpers import jax_copies_of_state, value_of
 from keras_stateful.layers import CenterLoss
 from keras_stateful.testing import check_state_contract, state_snapshot
 
@@ -224,3 +224,18 @@ def test_empty_batch_adds_zero_loss_and_moves_nothing(rng):
     assert [float(keras.ops.convert_to_numpy(loss)) for loss in layer.losses] == [0.0]
     for name, value in state_snapshot(layer).items():
         np.testing.assert_array_equal(value, before[name])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "jax", reason="XLA's compiled step")
+def test_jax_train_step_writes_the_center_rows_in_place(rng):
+    # A training step reads the centers (loss and update) and writes some rows.
+    # Unless every read is ordered before the write, XLA copies all K rows to
+    # write them, every step: O(K * D) where the update is O(B log B + B * D).
+    classes, dim, batch = 3000, 8, 16
+    inputs = [keras.Input((dim,)), keras.Input((), dtype="int32")]
+    hidden = keras.layers.Dense(dim)(inputs[0])
+    hidden = CenterLoss(classes)([hidden, inputs[1]])
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    x = rng.normal(size=(batch, dim)).astype("float32")
+    y = rng.integers(0, classes, batch).astype("int32")
+    assert jax_copies_of_state(model, [x, y], (classes, dim)) == []

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from backends_test.helpers import BACKEND, value_of
+from backends_test.helpers import BACKEND, jax_copies_of_state, value_of
 from keras_stateful.layers import MemoryBank
 from keras_stateful.testing import check_state_contract, state_snapshot
 
@@ -343,3 +343,18 @@ def test_guide_examples_run_and_do_what_they_say():
     exec(compile(sampled, "memory-bank.md", "exec"), namespace)
     assert value_of(namespace["negatives"]).shape == (256, 128)
     assert value_of(namespace["negative_logits"]).shape == (32, 256)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="XLA's compiled step")
+def test_jax_train_step_with_negatives_writes_the_bank_rows_in_place(rng):
+    # The negatives and the update's rows are read before the rows are
+    # written; otherwise XLA copies the whole (N, D) bank every step.
+    samples, dim, batch = 3000, 8, 16
+    inputs = [keras.Input((dim,)), keras.Input((), dtype="int32")]
+    hidden = keras.layers.Dense(dim)(inputs[0])
+    negatives, _ = MemoryBank(samples, num_negatives=32, seed=0)([hidden, inputs[1]])
+    logits = keras.ops.matmul(hidden, keras.ops.transpose(negatives))
+    model = keras.Model(inputs, logits)
+    x = rng.normal(size=(batch, dim)).astype("float32")
+    ids = rng.permutation(samples)[:batch].astype("int32")
+    assert jax_copies_of_state(model, [x, ids], (samples, dim)) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -9,8 +10,29 @@ from keras import ops
 
 from keras_stateful import _backend, distributed
 from keras_stateful.layers import _checks
+from keras_stateful.layers._groups import Groups, group_by_id
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
+
+
+@dataclass
+class _Update:
+    """One step's samples for the center update.
+
+    `x`, `weight` (1 for a valid label), `safe_ids` and `skipped` are over
+    all replicas' samples. Without accumulation, `groups` holds them grouped
+    by class and `run_centers` each group's center before the update.
+    `local`: nothing was gathered from other replicas (the samples are this
+    call's batch, in order).
+    """
+
+    x: Tensor
+    weight: Tensor
+    safe_ids: Tensor
+    skipped: Tensor
+    local: bool
+    groups: Groups | None = None
+    run_centers: Tensor | None = None
 
 
 @keras.saving.register_keras_serializable(package="keras_stateful")
@@ -143,33 +165,33 @@ class CenterLoss(StatefulLayer):
         valid = ops.logical_and(ids >= 0, ids < self.num_classes)
         safe_ids = ops.where(valid, ids, 0)
         weight = ops.cast(valid, "float32")
+        update = None
+        if self.may_update(training):
+            update = self._batch_for_update(x, ids, valid)
 
-        # The loss, with the centers before the update.
-        own_centers = _backend.read_rows(self.centers, safe_ids)
+        # The loss, with the centers before the update. When the update reads
+        # the rows of this batch's classes, the loss takes its rows from them:
+        # the centers are then read once, before they are written (on JAX a
+        # second read could make XLA copy all the centers to write them).
+        if update is not None and update.local and update.groups is not None:
+            own_centers = ops.take(update.run_centers, update.groups.sample_run, axis=0)
+        else:
+            own_centers = _backend.read_rows(self.centers, safe_ids)
         distance = 0.5 * ops.sum(ops.square(x - own_centers), axis=-1)
         loss = ops.sum(weight * distance) / ops.maximum(ops.sum(weight), 1.0)
         loss = self.loss_weight * loss
         self.add_loss(loss)
         self.log_value(self.name, loss, count=ops.shape(x)[0])
 
-        if self.may_update(training):
-            self._update_centers(x, ids, valid, own_centers, training)
+        if update is not None:
+            self._update_centers(update, training)
         return features
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self._split_shapes(input_shape)[0]
 
-    def _update_centers(
-        self,
-        x: Tensor,
-        ids: Tensor,
-        valid: Tensor,
-        own_centers: Tensor,
-        training: bool | Tensor,
-    ) -> None:
-        """Eq. 4 on the rows of the classes in the batch (all replicas')."""
-        safe_ids = ops.where(valid, ids, 0)
-        weight = ops.cast(valid, "float32")
+    def _batch_for_update(self, x: Tensor, ids: Tensor, valid: Tensor) -> _Update:
+        """The samples the update uses (all replicas'), grouped by class."""
         # In a data-parallel run the update uses every replica's batch (all
         # replicas then commit the same rows); on one device, this batch.
         x, present = distributed.cross_replica_gather(x)
@@ -181,41 +203,41 @@ class CenterLoss(StatefulLayer):
             skipped = ops.sum(
                 ops.cast(ops.logical_and(present, ops.logical_not(labelled)), "int32")
             )
-            safe_ids = ops.where(valid, ids, 0)
-            weight = ops.cast(valid, "float32")
-            own_centers = _backend.read_rows(self.centers, safe_ids)
-
-        if self.accumulation_steps > 1:
-            self._update_all_centers(x, safe_ids, weight, skipped, training)
-            return
-
-        # n_j and sum_i x_i per class, over the batch only, in O(B log B):
-        # sort the samples by class (invalid ones last), number the runs of
-        # equal ids, and sum each run. Each sample then writes its class's
-        # new row; rows are written in sorted order (the order of row writes
-        # does not matter, and duplicates carry identical rows).
-        batch = ops.shape(x)[0]
-        order = ops.argsort(ops.where(valid, ids, self.num_classes))
-        x, weight = ops.take(x, order, axis=0), ops.take(weight, order)
-        valid, safe_ids = ops.take(valid, order), ops.take(safe_ids, order)
-        own_centers = ops.take(own_centers, order, axis=0)
-        run = self._run_index(ops.where(valid, safe_ids, self.num_classes))
-        count = ops.take(ops.segment_sum(weight, run, num_segments=batch), run)[:, None]
-        class_sum = ops.take(
-            ops.segment_sum(x * weight[:, None], run, num_segments=batch),
-            run,
-            axis=0,
+        update = _Update(
+            x=ops.stop_gradient(x),
+            weight=ops.cast(valid, "float32"),
+            safe_ids=ops.where(valid, ids, 0),
+            skipped=skipped,
+            local=present is None,
         )
-        delta = (count * own_centers - class_sum) / (1.0 + count)
-        new_rows = own_centers - self.alpha * delta
+        if self.accumulation_steps > 1:
+            return update
 
-        # Samples with an invalid label (sorted last) write what the first
-        # valid sample writes, so that duplicate indices carry identical rows.
-        rows_at = ops.where(valid, safe_ids, safe_ids[0])
-        new_rows = ops.where(valid[:, None], new_rows, new_rows[0:1])
+        # The samples grouped by class (`_groups`): one row per class in the
+        # batch is read, computed and written, never a (B, D) copy of the
+        # features. O(B log B + B * D).
+        update.groups = group_by_id(ids, valid, self.num_classes)
+        update.run_centers = _backend.read_rows(self.centers, update.groups.ids)
+        return update
+
+    def _update_centers(self, update: _Update, training: bool | Tensor) -> None:
+        """Eq. 4 on the rows of the classes in the batch (all replicas')."""
+        groups, centers = update.groups, update.run_centers
+        if groups is None or centers is None:
+            self._update_all_centers(
+                update.x, update.safe_ids, update.weight, update.skipped, training
+            )
+            return
+        # n_j and sum_i x_i per class; the invalid samples' group sums to 0.
+        count = groups.sums(update.weight)[:, None]
+        delta = (count * centers - groups.sums(update.x)) / (1.0 + count)
+        new_rows = groups.first_valid_where_not(centers - self.alpha * delta)
         self.commit_state(
-            (self.centers, rows_at, new_rows),
-            (self.out_of_range_labels, next_count(self.out_of_range_labels, skipped)),
+            (self.centers, groups.rows_at(), new_rows),
+            (
+                self.out_of_range_labels,
+                next_count(self.out_of_range_labels, update.skipped),
+            ),
             training=training,
         )
 
@@ -251,17 +273,6 @@ class CenterLoss(StatefulLayer):
             (self.centers, centers - self.alpha * delta),
             (self.out_of_range_labels, next_count(self.out_of_range_labels, skipped)),
             training=training,
-        )
-
-    @staticmethod
-    def _run_index(sorted_keys: Tensor) -> Tensor:
-        """For sorted keys, the index of each key's run of equal values.
-
-        `[3, 3, 5, 7, 7, 7]` gives `[0, 0, 1, 2, 2, 2]`.
-        """
-        starts = ops.not_equal(sorted_keys[1:], sorted_keys[:-1])
-        return ops.cumsum(
-            ops.concatenate([ops.zeros((1,), "int32"), ops.cast(starts, "int32")])
         )
 
     def get_config(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_stateful import _backend, _torch_buffers, distributed
 from keras_stateful.layers import _checks
+from keras_stateful.layers._groups import group_by_id
 from keras_stateful.layers._seeds import SeedValue
 from keras_stateful.stateful_layer import StatefulLayer, next_count
 from keras_stateful.types import Tensor
@@ -30,7 +31,7 @@ class MemoryBank(StatefulLayer):
 
     as lemniscate.pytorch's `LinearAverage` does. Only the rows of the ids in
     the batch are computed and written, like `CenterLoss`'s: the update costs
-    `O(B * D)` whatever `num_samples` is.
+    `O(B log B + B * D)` (a sort of the ids) whatever `num_samples` is.
 
     **Duplicate ids.** When an id appears more than once in the batch, `f_i`
     is the mean of its features there, and the row moves once: `v_i =
@@ -190,21 +191,30 @@ class MemoryBank(StatefulLayer):
         seed = _backend.read_value(self.sampler_seed)
 
         # What the call returns: the bank (or k rows of it) before the batch.
+        # The negatives of a training call are read with the rows the update
+        # reads (`_update`), in one gather: on JAX a read of the bank not
+        # ordered before its write makes XLA copy the whole bank every step.
         negative_ids = None
+        memory = None
         if self.num_negatives is not None:
             negative_ids = self._draw(seed)
-            memory = _backend.read_rows(self.bank, negative_ids)
+            if not updating:
+                memory = _backend.read_rows(self.bank, negative_ids)
         elif updating and self.compute_dtype == "float32":
             # No new tensor from the cast, and PyTorch writes rows in place.
             memory = self._bank_before.read(self.bank)
         else:
             memory = _backend.read_value(self.bank)
-        memory = ops.cast(memory, self.compute_dtype)
 
         if updating:
-            rows_at = self._update(features, ids, seed, training)
+            rows_at, negatives = self._update(
+                features, ids, seed, training, negative_ids
+            )
+            if negatives is not None:
+                memory = negatives
             if self.num_negatives is None and self.compute_dtype == "float32":
                 self._bank_before.record(self.bank, rows_at)
+        memory = ops.cast(memory, self.compute_dtype)
         if negative_ids is None:
             return memory
         return memory, negative_ids
@@ -216,9 +226,18 @@ class MemoryBank(StatefulLayer):
         return ops.minimum(ids, self.num_samples - 1)
 
     def _update(
-        self, features: Tensor, ids: Tensor, seed: Tensor, training: bool | Tensor
-    ) -> Tensor:
-        """NPID's rule on the rows of the ids in the (global) batch; the rows."""
+        self,
+        features: Tensor,
+        ids: Tensor,
+        seed: Tensor,
+        training: bool | Tensor,
+        negative_ids: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """NPID's rule on the rows of the ids in the (global) batch.
+
+        Returns the rows written and, given `negative_ids`, the bank's rows
+        there before the update.
+        """
         x = ops.stop_gradient(ops.cast(features, "float32"))
         valid = ops.logical_and(ids >= 0, ids < self.num_samples)
         # Every replica's rows, so that every replica writes the same rows.
@@ -231,42 +250,40 @@ class MemoryBank(StatefulLayer):
             skipped = ops.sum(
                 ops.cast(ops.logical_and(present, ops.logical_not(in_range)), "int32")
             )
-        safe_ids = ops.where(valid, ids, 0)
-        old_rows = _backend.read_rows(self.bank, safe_ids)
 
-        # The mean features of each id: every sample points to the first
-        # sample with its id, and the sums gather there.
-        weight = ops.cast(valid, "float32")
-        same_id = ops.logical_and(
-            ops.equal(ids[:, None], ids[None, :]),
-            ops.logical_and(valid[:, None], valid[None, :]),
-        )
-        count = ops.sum(ops.cast(same_id, "float32"), axis=1)[:, None]
-        first = ops.argmax(ops.cast(same_id, "int32"), axis=1)
-        sums = ops.segment_sum(x * weight[:, None], first, num_segments=ops.shape(x)[0])
-        mean = ops.take(sums, first, axis=0) / ops.maximum(count, 1.0)
+        # The mean features of each id in the batch, one row per id
+        # (`_groups`: a sort of the ids, O(B log B + B * D)).
+        groups = group_by_id(ids, valid, self.num_samples)
+        negatives = None
+        if negative_ids is None:
+            old_rows = _backend.read_rows(self.bank, groups.ids)
+        else:
+            slots = ops.shape(groups.ids)[0]
+            rows = _backend.read_rows(
+                self.bank, ops.concatenate([groups.ids, negative_ids])
+            )
+            old_rows, negatives = rows[:slots], rows[slots:]
+        count = groups.sums(ops.cast(valid, "float32"))[:, None]
+        mean = groups.sums(x) / ops.maximum(count, 1.0)
 
         m = self.momentum
         moved = m * old_rows + (1.0 - m) * mean
         norm = ops.sqrt(ops.sum(ops.square(moved), axis=-1, keepdims=True))
         new_rows = moved / ops.maximum(norm, 1e-12)
 
-        # Samples with an invalid id write what the first valid sample writes
-        # (its own old row back when none is valid), so that duplicate
-        # indices always carry identical rows.
-        new_rows = ops.where(valid[:, None], new_rows, old_rows)
-        first_valid = ops.argmax(ops.cast(valid, "int32"))
-        rows_at = ops.where(valid, safe_ids, ops.take(safe_ids, first_valid))
-        new_rows = ops.where(
-            valid[:, None], new_rows, ops.take(new_rows, first_valid, axis=0)
-        )
+        # Rows without a valid id write what the first row writes (its old
+        # row back when no id is valid), so that duplicate indices always
+        # carry identical rows.
+        new_rows = ops.where(groups.valid[:, None], new_rows, old_rows)
+        new_rows = groups.first_valid_where_not(new_rows)
+        rows_at = groups.rows_at()
         self.commit_state(
             (self.bank, rows_at, new_rows),
             (self.sampler_seed, seed + ops.convert_to_tensor([0, 1], seed.dtype)),
             (self.out_of_range_ids, next_count(self.out_of_range_ids, skipped)),
             training=training,
         )
-        return rows_at
+        return rows_at, negatives
 
     def compute_output_spec(
         self, inputs: Any, training: bool | Tensor | None = None
