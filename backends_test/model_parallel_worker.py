@@ -6,9 +6,11 @@ fresh JAX process):
     python -m backends_test.model_parallel_worker single OUT.npz
     python -m backends_test.model_parallel_worker model-parallel OUT.npz
 
-`model-parallel` runs the LayoutMap example of docs/distributed.md (a
-`(1, 4)` mesh, axes `("batch", "model")`, the state split along its first
-axis over "model") and then the same `fit` as `single`. OUT.npz holds every
+`model-parallel` runs `single` first (on one of the 4 devices; its results
+go to `OUT.reference.npz`, as in the data-parallel workers), then the LayoutMap
+example of docs/distributed.md (a `(1, 4)` mesh, axes `("batch", "model")`,
+the state split along its first axis over "model") and the same `fit` again.
+OUT.npz holds every
 state variable by path; in `model-parallel` also, per sharded variable, the
 shapes of the shards each device holds (`shards/<path>`), and every collective
 of the compiled training step with its shapes (`collectives`, one line each),
@@ -20,9 +22,9 @@ path a large `N x K` takes).
     python -m backends_test.model_parallel_worker tf-model-parallel OUT.npz
     python -m backends_test.model_parallel_worker torch-model-parallel OUT.npz
 
-run the same example on TensorFlow (2 logical CPUs) and PyTorch, to show
-what Keras does there (OUT.npz: the state, `devices/<path>` and, on PyTorch,
-`error`). `single` runs on the backend of `KERAS_BACKEND`.
+run `single` and then the same example on TensorFlow (2 logical CPUs) and
+PyTorch, to show what Keras does there (OUT.npz: the state, `devices/<path>`
+and, on PyTorch, `error`). `single` runs on the backend of `KERAS_BACKEND`.
 
     python -m backends_test.model_parallel_worker timing OUT.json
 
@@ -35,6 +37,7 @@ import glob
 import os
 import pathlib
 import re
+import shutil
 import sys
 import tempfile
 
@@ -42,6 +45,9 @@ MODE = sys.argv[1] if __name__ == "__main__" else "imported"
 DUMP = tempfile.mkdtemp(prefix="hlo_dump_")
 if MODE in ("model-parallel", "timing"):
     os.environ["KERAS_BACKEND"] = "jax"
+    # A program found in a persistent compilation cache is not compiled, so
+    # XLA would dump no module to read the collectives from.
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4" + (
         f" --xla_dump_to={DUMP} --xla_dump_hlo_module_re=.*train_step.*"
         if MODE == "model-parallel"
@@ -49,6 +55,13 @@ if MODE in ("model-parallel", "timing"):
     )
 elif MODE == "tf-model-parallel":
     os.environ["KERAS_BACKEND"] = "tensorflow"
+    import tensorflow as tf
+
+    # Before anything runs: logical devices are fixed once TensorFlow starts.
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration()] * 2,
+    )
 elif MODE == "torch-model-parallel":
     os.environ["KERAS_BACKEND"] = "torch"
 
@@ -57,6 +70,7 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 import keras_stateful  # noqa: E402
+from backends_test import worker_process  # noqa: E402
 from keras_stateful import layers  # noqa: E402
 from keras_stateful.layers import vector_quantizer_ema  # noqa: E402
 
@@ -195,6 +209,8 @@ def run_single():
 
 
 def run_model_parallel():
+    shutil.rmtree(DUMP)  # the one-device run's modules
+    os.mkdir(DUMP)
     docs_layout_example()
     keras.utils.set_random_seed(0)
     model = build_model()
@@ -215,12 +231,6 @@ def placement(model):
 
 def run_tf_model_parallel():
     """The docs' LayoutMap on TensorFlow with 2 logical CPUs, then `fit`."""
-    import tensorflow as tf
-
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-    )
     namespace = docs_layout_example()
     assert namespace["mesh"].shape == (1, 2), namespace["mesh"]
     keras.utils.set_random_seed(0)
@@ -277,10 +287,11 @@ if __name__ == "__main__":
     if MODE == "timing":
         run_timing(sys.argv[2])
     else:
-        result = {
-            "single": run_single,
-            "model-parallel": run_model_parallel,
-            "tf-model-parallel": run_tf_model_parallel,
-            "torch-model-parallel": run_torch_model_parallel,
-        }[MODE]()
-        np.savez(sys.argv[2], **result)
+        worker_process.finish(
+            {
+                "single": run_single,
+                "model-parallel": run_model_parallel,
+                "tf-model-parallel": run_tf_model_parallel,
+                "torch-model-parallel": run_torch_model_parallel,
+            }
+        )

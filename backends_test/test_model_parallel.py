@@ -7,7 +7,8 @@ must end with the one-device state, each device must hold a quarter of the
 rows, and the compiled training step must never move `K` (or `K / 4`) rows
 between devices. On TensorFlow and PyTorch the tests show what Keras does
 with the same example. The runs are subprocesses of
-`backends_test/model_parallel_worker.py` (virtual devices are fixed at start).
+`backends_test/model_parallel_worker.py` (virtual devices are fixed at start),
+each of which runs the one-device reference first.
 """
 
 import re
@@ -83,8 +84,8 @@ def test_the_hlo_check_catches_an_all_gather_of_state_rows():
 @pytest.mark.parametrize("search", ["whole", "chunked"])
 def test_jax_state_sharded_over_four_devices_matches_one_device(tmp_path, search):
     env = {"CHUNKED_SEARCH": "1" if search == "chunked" else "0"}
-    single = run_worker("single", tmp_path / "single.npz", **env)
     sharded = run_worker("model-parallel", tmp_path / "sharded.npz", **env)
+    single = launch.reference(tmp_path / "sharded.npz")
     assert_same_state(state_of(single), state_of(sharded), "ModelParallel(1 x 4)")
 
     for path, rows in ROWS.items():
@@ -101,8 +102,8 @@ def test_jax_state_sharded_over_four_devices_matches_one_device(tmp_path, search
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="what TensorFlow does")
 def test_tensorflow_accepts_the_layout_map_but_keeps_state_whole(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
     mesh = run_worker("tf-model-parallel", tmp_path / "mesh.npz")
+    single = launch.reference(tmp_path / "mesh.npz")
     assert_same_state(state_of(single), state_of(mesh), "TF with a LayoutMap")
     for path, rows in ROWS.items():
         # Whole, on the first CPU: Keras's TF backend does not lay variables out.
@@ -112,8 +113,8 @@ def test_tensorflow_accepts_the_layout_map_but_keeps_state_whole(tmp_path):
 
 @pytest.mark.skipif(BACKEND != "torch", reason="what PyTorch does")
 def test_torch_has_no_keras_distribution_backend(tmp_path):
-    single = run_worker("single", tmp_path / "single.npz")
     attempt = run_worker("torch-model-parallel", tmp_path / "attempt.npz")
+    single = launch.reference(tmp_path / "attempt.npz")
     # Keras has no PyTorch distribution backend: the example fails at once.
     assert "list_devices" in str(attempt["error"][0]), attempt["error"]
     assert_same_state(state_of(single), state_of(attempt), "torch without sharding")

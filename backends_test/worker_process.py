@@ -16,11 +16,14 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-# Data-parallel mode -> the one-device mode it is compared with.
+# Multi-device mode -> the one-device mode it is compared with.
 REFERENCE = {
     "jax-data-parallel": "single",
     "tf-mirrored": "single",
     "torch-ddp": "torch-single",
+    "model-parallel": "single",
+    "tf-model-parallel": "single",
+    "torch-model-parallel": "single",
 }
 
 
