@@ -580,24 +580,39 @@ def _averages_finite_jax(
     # infinite. XLA's reduction of `x * x` is faster here than one of
     # `abs(x)` by `max`.
     squares = jnp.sum(jnp.stack([jnp.sum(x * x) for x in inputs]))
-
-    def check_values(olds: list[Tensor], students: list[Tensor], weight: Tensor):
-        # The values again, from the inputs: a branch that took the values
-        # computed outside would make XLA store them apart.
-        checks = [
-            jnp.all(jnp.isfinite(old * (1.0 - weight) + student * weight))
-            for old, student in zip(olds, students, strict=True)
-        ]
-        return jnp.all(jnp.stack(checks))
-
+    # Module-level branches: eagerly, JAX reuses their traces from call to
+    # call (new closures would be traced, and cached, at every call).
     return jax.lax.cond(
         jnp.isfinite(squares),
-        lambda *_: jnp.array(True),
-        check_values,
+        _finite_anyway,
+        _averages_finite_exactly,
         olds,
         students,
         weight,
     )
+
+
+def _finite_anyway(*_: Any) -> Tensor:
+    import jax.numpy as jnp
+
+    return jnp.array(True)
+
+
+def _averages_finite_exactly(
+    olds: list[Tensor], students: list[Tensor], weight: Tensor
+) -> Tensor:
+    """Whether every new value is finite, computed again from the inputs (JAX).
+
+    The branch takes no computed value, which XLA would then have to store
+    apart from the write that computes it too.
+    """
+    import jax.numpy as jnp
+
+    checks = [
+        jnp.all(jnp.isfinite(old * (1.0 - weight) + student * weight))
+        for old, student in zip(olds, students, strict=True)
+    ]
+    return jnp.all(jnp.stack(checks))
 
 
 def _all_finite_by_sum_tf(values: list[Tensor]) -> Tensor:
