@@ -517,3 +517,55 @@ def test_moco_demo_runs(tmp_path):
     assert "key encoder updates: 18" in result.stdout  # 2 epochs of 9 batches
     assert "MoCo v2 (no labels)" in result.stdout
     assert (tmp_path / "moco_digits.png").stat().st_size > 10_000
+
+
+# name: (student value, average value, decay, whether the new values are finite)
+FLOAT32_MAX = float(np.finfo("float32").max)
+EXTREME_STUDENTS = {
+    "nan": (np.nan, 0.5, 0.9, False),
+    "inf": (-np.inf, 0.5, 0.9, False),
+    "nan_average": (0.5, np.nan, 0.9, False),
+    # Finite, beyond any bound a backend checks cheaply: the new values
+    # decide (the average of MAX and MAX is MAX).
+    "largest_finite": (FLOAT32_MAX, FLOAT32_MAX, 0.5, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTREME_STUDENTS))
+@pytest.mark.parametrize(
+    "jit_compile",
+    ["auto", False] + ([True] if keras.backend.backend() != "torch" else []),
+)
+def test_update_in_fit_is_skipped_exactly_when_a_new_value_is_not_finite(
+    name, jit_compile, rng
+):
+    student_value, average_value, decay, finite = EXTREME_STUDENTS[name]
+    student = make_student(batch_norm=False)
+    averaged = AveragedModel(student, decay=decay)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, [student(inputs), averaged(inputs)])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.0),
+        loss=["mse", None],
+        jit_compile=jit_compile,
+    )
+    x, y = rng.normal(size=(4, 4)).astype("float32"), np.ones((4, 3), "float32")
+    model.train_on_batch(x, y)  # the first update copies the student
+    # Written where the next training step reads them (not a training step).
+    kernel, average = student.layers[0].kernel, averaged.averaged_variables[0]
+    poisoned = value_of(kernel).copy()
+    poisoned[1, 2] = student_value
+    kernel.assign(poisoned)
+    set_to = value_of(average).copy()
+    set_to[1, 2] = average_value
+    average.assign(set_to)
+    before = state_snapshot(averaged)
+    model.train_on_batch(x, y)
+    after = state_snapshot(averaged)
+    assert averaged.skipped_updates == (0 if finite else 1)
+    if finite:
+        assert after["num_updates"] == 2
+        assert value_of(average)[1, 2] == FLOAT32_MAX
+    else:
+        for key in before:
+            np.testing.assert_array_equal(after[key], before[key], err_msg=key)

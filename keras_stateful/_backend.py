@@ -420,3 +420,238 @@ def protect_state_reads(layer: keras.layers.Layer) -> Iterator[None]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         yield
+
+
+# ------------------------------------------------------------ weight averages
+#
+# `AveragedModel` updates a float32 copy of a model's weights at every step:
+# with millions of weights each pass over them counts. The new values are
+# `old * (1 - weight) + student * weight` (two products, each rounded, then
+# their sum) with `0 <= weight <= 1`, and
+# the commit needs to know exactly whether all of them are finite. Per
+# backend, with as few passes over the weights as it allows:
+#
+# - eager PyTorch on CPU: the check from the inputs (`averages_finite`), and
+#   the values computed in place at the commit's write, only when it writes
+#   (`weighted_average_in_place_if`): no temporary copy of the weights, whose
+#   allocation (page faults) costs more than the arithmetic;
+# - eager PyTorch elsewhere: fused `torch._foreach_*` values, and one
+#   `aminmax` pass over each for the check (no `isfinite` mask);
+# - JAX: the check from the inputs, so that XLA fuses the average into the
+#   write and never stores it apart;
+# - TensorFlow: one `reduce_sum` per value for the check (no `is_finite`
+#   mask), and one `tf.cond` for the whole write (`assign_all_if`) instead
+#   of a `where` per variable;
+# - compiled PyTorch: the values, checked by `commit_state`.
+#
+# A check from the inputs is exact: with every old and student value finite
+# and at most `_AVERAGE_BOUND` in magnitude, every new value is finite (it
+# cannot overflow); otherwise (a value not finite or beyond the bound, which
+# training never reaches) the new values themselves are checked, in a branch
+# that runs only then.
+
+_AVERAGE_BOUND = 2.0**125  # float32's largest value is about 2**128
+
+
+def weighted_averages(
+    olds: list[Tensor], students: list[Tensor], weight: Tensor, *, check: bool
+) -> tuple[list[Tensor], Tensor | None]:
+    """The new values, and (when `check`) exactly whether all are finite.
+
+    `olds` and `students` are float32 tensors of the same shapes, `weight` a
+    float32 scalar in `[0, 1]`. `finite` is None where `commit_state` should
+    check the values (compiled PyTorch), or when `check` is False.
+    """
+    if BACKEND == "torch" and writes_in_place():
+        return _weighted_averages_torch(olds, students, weight, check)
+    values = [
+        old * (1.0 - weight) + student * weight
+        for old, student in zip(olds, students, strict=True)
+    ]
+    if not check or not values or BACKEND == "torch":
+        return values, None
+    if BACKEND == "tensorflow":
+        return values, _all_finite_by_sum_tf(values)
+    return values, _averages_finite_jax(olds, students, weight)
+
+
+def averages_at_write(olds: list[Tensor]) -> bool:
+    """Whether the averages are computed in place at the commit's write.
+
+    Eager PyTorch with every average on the CPU, where the commit's decision
+    can be read without a device synchronisation.
+    """
+    if BACKEND != "torch" or not olds or not writes_in_place():
+        return False
+    return all(old.device.type == "cpu" for old in olds)
+
+
+def averages_finite(
+    olds: list[Tensor], students: list[Tensor], weight: Tensor
+) -> Tensor:
+    """Whether every new value will be finite, from the inputs (PyTorch, CPU).
+
+    One `aminmax` pass over each old and student value; the new values are
+    computed and checked only when an input is not finite or beyond the
+    bound.
+    """
+    import torch
+
+    with torch.no_grad():
+        extremes = [
+            torch.stack(torch.aminmax(x)) for x in [*olds, *students] if x.numel()
+        ]
+        if not extremes:
+            return torch.tensor(True)
+        both = torch.cat(extremes)
+        if bool(torch.isfinite(both).all()) and float(both.abs().max()) <= (
+            _AVERAGE_BOUND
+        ):
+            return torch.tensor(True)
+        finite = _weighted_averages_torch(olds, students, weight, True)[1]
+    return torch.tensor(True) if finite is None else finite
+
+
+# Elements per slice of the in-place average: its temporary stays in cache.
+_SLICE = 1 << 18
+
+
+def weighted_average_in_place_if(
+    condition: Tensor, updates: list[tuple[keras.Variable, Tensor]], weight: Tensor
+) -> None:
+    """`average = average * (1 - weight) + student * weight` where `condition` holds.
+
+    For `(average, student)` pairs (eager PyTorch on CPU, `averages_at_write`):
+    in the average's storage, a slice at a time, with one small temporary
+    for `student * weight` (the same numbers as the out-of-place formula).
+    """
+    import torch
+
+    if not bool(condition):
+        return
+    with torch.no_grad():
+        keep = 1.0 - weight
+        largest = max(student.numel() for _, student in updates)
+        scratch = torch.empty(min(_SLICE, largest), dtype=torch.float32)
+        for variable, student in updates:
+            stored = variable._value
+            if not stored.is_contiguous() or student.shape != stored.shape:
+                stored.mul_(keep).add_(student * weight)
+                continue
+            old, new = stored.view(-1), student.reshape(-1)
+            for start in range(0, old.numel(), _SLICE):
+                part = old[start : start + _SLICE]
+                product = scratch[: part.numel()]
+                torch.mul(new[start : start + _SLICE], weight, out=product)
+                part.mul_(keep).add_(product)
+
+
+def _weighted_averages_torch(
+    olds: list[Tensor], students: list[Tensor], weight: Tensor, check: bool
+) -> tuple[list[Tensor], Tensor | None]:
+    import torch
+
+    if not olds:
+        return [], None
+    with torch.no_grad():
+        values = torch._foreach_mul(olds, 1.0 - weight)
+        torch._foreach_add_(values, torch._foreach_mul(students, weight))
+        if not check:
+            return list(values), None
+        # min and max in one pass; NaN propagates to both, and a value is
+        # not finite exactly when its tensor's min or max is not.
+        extremes = [torch.stack(torch.aminmax(v)) for v in values if v.numel()]
+        if not extremes:
+            return list(values), None
+        return list(values), torch.isfinite(torch.cat(extremes)).all()
+
+
+def _averages_finite_jax(
+    olds: list[Tensor], students: list[Tensor], weight: Tensor
+) -> Tensor:
+    import jax
+    import jax.numpy as jnp
+
+    inputs = [x for x in [*olds, *students] if x.size]
+    if not inputs:
+        return jnp.array(True)
+    # A finite sum of squares (non-negative terms: no partial sum is below
+    # any term) bounds every |x| by 2**64; NaN and infinities make it NaN or
+    # infinite. XLA's reduction of `x * x` is faster here than one of
+    # `abs(x)` by `max`.
+    squares = jnp.sum(jnp.stack([jnp.sum(x * x) for x in inputs]))
+    # Module-level branches: eagerly, JAX reuses their traces from call to
+    # call (new closures would be traced, and cached, at every call).
+    return jax.lax.cond(
+        jnp.isfinite(squares),
+        _finite_anyway,
+        _averages_finite_exactly,
+        olds,
+        students,
+        weight,
+    )
+
+
+def _finite_anyway(*_: Any) -> Tensor:
+    import jax.numpy as jnp
+
+    return jnp.array(True)
+
+
+def _averages_finite_exactly(
+    olds: list[Tensor], students: list[Tensor], weight: Tensor
+) -> Tensor:
+    """Whether every new value is finite, computed again from the inputs (JAX).
+
+    The branch takes no computed value, which XLA would then have to store
+    apart from the write that computes it too.
+    """
+    import jax.numpy as jnp
+
+    checks = [
+        jnp.all(jnp.isfinite(old * (1.0 - weight) + student * weight))
+        for old, student in zip(olds, students, strict=True)
+    ]
+    return jnp.all(jnp.stack(checks))
+
+
+def _all_finite_by_sum_tf(values: list[Tensor]) -> Tensor:
+    import tensorflow as tf
+
+    # A NaN or an infinity makes the sum NaN or infinite; a sum that
+    # overflows although every value is finite goes to the exact check.
+    total = tf.add_n([tf.reduce_sum(value) for value in values])
+
+    def check_values() -> Tensor:
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in values])
+
+    return tf.cond(tf.math.is_finite(total), lambda: tf.constant(True), check_values)
+
+
+def assigns_under_condition() -> bool:
+    """Whether `assign_all_if` applies: TensorFlow, outside a stateless scope
+    and a `tf.distribute` replica context (whose assigns synchronise, which a
+    `tf.cond` branch may not)."""
+    if BACKEND != "tensorflow" or in_stateless_scope():
+        return False
+    from keras_stateful.distributed import tf_replica_context
+
+    return tf_replica_context() is None
+
+
+def assign_all_if(
+    condition: Tensor, updates: list[tuple[keras.Variable, Tensor]]
+) -> None:
+    """`variable.assign(value)` for every pair, all when `condition` holds (TF).
+
+    One `tf.cond` for the whole commit: the values are not read again by a
+    `where` per variable, and an assign may take over the value's buffer.
+    """
+    import tensorflow as tf
+
+    def write() -> Any:
+        for variable, value in updates:
+            assign(variable, value)
+        return tf.constant(True)
+
+    tf.cond(condition, write, lambda: tf.constant(False))

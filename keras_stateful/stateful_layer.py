@@ -402,6 +402,7 @@ class StatefulLayer(keras.layers.Layer):
         self,
         *updates: tuple[keras.Variable, Tensor] | tuple[keras.Variable, Tensor, Tensor],
         training: bool | Tensor | None,
+        finite: Tensor | None = None,
     ) -> None:
         """Store new values in state variables when the layer is updating.
 
@@ -427,6 +428,11 @@ class StatefulLayer(keras.layers.Layer):
                 dtype and cut from the gradient.
             training: The `training` argument of `call()`: a Python bool,
                 `None` (not training) or a boolean scalar tensor.
+            finite: Whether every new value is finite, as a boolean scalar
+                tensor the layer computed more cheaply than a check of each
+                value (e.g. from the values it combined); the guard then
+                uses it instead. It must be exact. Defaults to `None` (the
+                values are checked).
         """
         checked = [self._check_update(update) for update in updates]
         if not checked:
@@ -440,7 +446,8 @@ class StatefulLayer(keras.layers.Layer):
         when = gate if window is None else gate & window.closes
         skipped = None
         if self.guard_non_finite:
-            finite = _all_finite(new_values, in_place)
+            if finite is None:
+                finite = _all_finite(new_values, in_place)
             if finite is not None:
                 skipped = when & ~finite
                 when = when & finite

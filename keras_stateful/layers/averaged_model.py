@@ -10,7 +10,7 @@ from keras import ops
 
 from keras_stateful import _backend
 from keras_stateful.layers import _checks
-from keras_stateful.stateful_layer import StatefulLayer, next_count
+from keras_stateful.stateful_layer import StatefulLayer, _all_finite, next_count
 from keras_stateful.types import Tensor
 
 _LAYER = "AveragedModel"
@@ -207,6 +207,7 @@ class AveragedModel(StatefulLayer):
         self.averaged_variables: list[keras.Variable] = []
         self.step = None
         self.num_updates = None
+        self._at_write = _AtWrite()
 
     def _check_combination(self) -> None:
         if self.schedule == "cosine" and self.total_steps is None:
@@ -287,18 +288,56 @@ class AveragedModel(StatefulLayer):
         step = next_count(self.step)
         count = _backend.read_value(self.num_updates)
         due, weight = self._due_and_weight(step, count)
-        new_values = [
-            self._averaged(average, variable, due, weight)
-            for average, variable in zip(
-                self.averaged_variables, self.layer.variables, strict=True
-            )
+        pairs = list(zip(self.averaged_variables, self.layer.variables, strict=True))
+        olds = [_backend.read_value(average) for average, _ in pairs]
+        students = [
+            ops.cast(_backend.read_stored_value(variable), average.dtype)
+            for average, variable in pairs
         ]
-        self.commit_state(
-            *zip(self.averaged_variables, new_values, strict=True),
-            (self.step, step),
-            (self.num_updates, count + ops.cast(due, "int32")),
-            training=training,
-        )
+        averaged = [self._is_averaged(average, variable) for average, variable in pairs]
+        chosen = [i for i, a in enumerate(averaged) if a]
+        if _backend.averages_at_write([olds[i] for i in chosen]):
+            # The commit writes the averages in place (`_write`); its values
+            # here stand for them.
+            means = [olds[i] for i in chosen]
+            finite = None
+            if self.guard_non_finite:
+                finite = _backend.averages_finite(
+                    means, [students[i] for i in chosen], weight
+                )
+            self._at_write.weight = weight
+            self._at_write.students = {id(pairs[i][0]): students[i] for i in chosen}
+        else:
+            means, finite = _backend.weighted_averages(
+                [olds[i] for i in chosen],
+                [students[i] for i in chosen],
+                weight,
+                check=self.guard_non_finite,
+            )
+        next_mean = iter(means)
+        new_values = [
+            next(next_mean) if a else ops.where(due, student, old)
+            for old, student, a in zip(olds, students, averaged, strict=True)
+        ]
+        if finite is not None:
+            copies = [
+                value
+                for value, a in zip(new_values, averaged, strict=True)
+                if not a and keras.backend.is_float_dtype(value.dtype)
+            ]
+            copies_finite = _all_finite(copies, _backend.writes_in_place())
+            if copies_finite is not None:
+                finite = ops.logical_and(finite, copies_finite)
+        try:
+            self.commit_state(
+                *zip(self.averaged_variables, new_values, strict=True),
+                (self.step, step),
+                (self.num_updates, count + ops.cast(due, "int32")),
+                training=training,
+                finite=finite,
+            )
+        finally:
+            self._at_write.students = {}
 
     def _due_and_weight(self, step: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
         """Whether this step updates, and the weight `1 - decay_t` of the student."""
@@ -323,20 +362,42 @@ class AveragedModel(StatefulLayer):
         weight = ops.where(ops.equal(count, 0), 1.0, weight)
         return due, ops.where(due, ops.cast(weight, "float32"), 0.0)
 
-    def _averaged(
-        self,
-        average: keras.Variable,
-        variable: keras.Variable,
-        due: Tensor,
-        weight: Tensor,
-    ) -> Tensor:
-        old = _backend.read_value(average)
-        new = ops.cast(_backend.read_stored_value(variable), average.dtype)
+    def _is_averaged(self, average: keras.Variable, variable: keras.Variable) -> bool:
+        """Whether `average` is a weighted average (else a copy of `variable`)."""
         if not keras.backend.is_float_dtype(average.dtype):
-            return ops.where(due, new, old)
-        if not variable.trainable and not self.average_non_trainable:
-            return ops.where(due, new, old)
-        return old * (1.0 - weight) + new * weight
+            return False
+        return bool(variable.trainable or self.average_non_trainable)
+
+    def _write(
+        self,
+        updates: Any,
+        gate: Tensor,
+        in_place: bool | None = None,
+    ) -> None:
+        at_write = self._at_write.students
+        if at_write and any(id(update[0]) in at_write for update in updates):
+            _backend.weighted_average_in_place_if(
+                gate,
+                [(u[0], at_write[id(u[0])]) for u in updates if id(u[0]) in at_write],
+                self._at_write.weight,
+            )
+            updates = [u for u in updates if id(u[0]) not in at_write]
+        # On TensorFlow one conditional assigns every new value when the gate
+        # holds, instead of a `where` per variable: one pass over the 5M
+        # weights fewer per step. Elsewhere `where` is fused into the update
+        # (XLA) or written in place (PyTorch).
+        whole = all(len(update) == 2 or update[1] is None for update in updates)
+        if updates and whole and not in_place and _backend.assigns_under_condition():
+            _backend.assign_all_if(
+                gate,
+                [
+                    (update[0], self._stored_form(update[0], update[-1], False))
+                    for update in updates
+                ],
+            )
+            return
+        if updates:
+            super()._write(updates, gate, in_place)
 
     def _averaged_forward(self, inputs: Any, training: bool | Tensor) -> Any:
         mapping = [
@@ -381,6 +442,14 @@ class AveragedModel(StatefulLayer):
         config = dict(config)
         config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
         return cls(**config)
+
+
+class _AtWrite:
+    """The students and weight of averages written in place by `_write`."""
+
+    def __init__(self) -> None:
+        self.students: dict[int, Tensor] = {}
+        self.weight: Tensor | None = None
 
 
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
