@@ -219,11 +219,12 @@ class SyncBatchNormalization(StatefulLayer):
         training: bool | Tensor | None = None,
         mask: Tensor | None = None,
     ) -> Tensor:
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
-        moving_mean = ops.cast(self.moving_mean, x.dtype)
-        moving_variance = ops.cast(self.moving_variance, x.dtype)
-        mean, variance = moving_mean, moving_variance
-        if self.may_update(training):
+        x = inputs
+        if keras.backend.standardize_dtype(x.dtype) not in ("float32", "float64"):
+            x = ops.cast(x, "float32")  # statistics in float32 at least
+        if not self.may_update(training):
+            mean, variance = self._moving_moments(x.dtype)
+        else:
             batch_mean, batch_variance = self._global_moments(x, mask)
             self.commit_state(
                 (self.moving_mean, ema(self.moving_mean, batch_mean, self.momentum)),
@@ -233,11 +234,13 @@ class SyncBatchNormalization(StatefulLayer):
                 ),
                 training=training,
             )
+            mean, variance = batch_mean, batch_variance
             if ops.is_tensor(training):
+                # Read after the commit: the stored values, new only where
+                # `training` holds, and then not chosen.
+                moving_mean, moving_variance = self._moving_moments(x.dtype)
                 mean = ops.where(training, batch_mean, moving_mean)
                 variance = ops.where(training, batch_variance, moving_variance)
-            else:
-                mean, variance = batch_mean, batch_variance
         outputs = ops.batch_normalization(
             x,
             mean,
@@ -249,17 +252,18 @@ class SyncBatchNormalization(StatefulLayer):
         )
         return ops.cast(outputs, self.compute_dtype)
 
+    def _moving_moments(self, dtype: str) -> tuple[Tensor, Tensor]:
+        return (
+            ops.cast(self.moving_mean, dtype),
+            ops.cast(self.moving_variance, dtype),
+        )
+
     def _global_moments(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mean and biased variance over the global batch, with gradients."""
         axes = self._reduction_axes
         features = x.shape[self.axis]
         if mask is None and not distributed.communicates():
-            # One device, or JAX's global array: the same moments from the
-            # local batch, without the sums and counts (4 ops instead of 15,
-            # which is what an eager PyTorch step pays for).
-            mean = ops.mean(x, axis=axes, keepdims=True)
-            variance = ops.mean(ops.square(x - mean), axis=axes)
-            return ops.reshape(mean, (features,)), variance
+            return self._local_moments(x)
         if mask is None:
             weight = None
             per_feature = 1
@@ -291,6 +295,23 @@ class SyncBatchNormalization(StatefulLayer):
             ops.sum(centred, axis=axes), differentiable=True
         )
         return mean, m2 / count
+
+    def _local_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and biased variance of the local batch, with gradients.
+
+        For one device, or JAX's global array: no sums and counts to share.
+        The variance is centred, `E[(x - mean)**2]`: it keeps float32's
+        precision where the mean is large against the spread (Keras's
+        `E[x**2] - E[x]**2` loses about 3% of the variance at values around
+        1000 with variance 9). Its gradient through `mean` is
+        `-2 E[x - mean] = 0`, so `mean` enters it cut from the gradient:
+        the same gradient without the backward pass's full-size negation
+        and sum (about a quarter of an eager PyTorch step of the layer).
+        """
+        axes = self._reduction_axes
+        mean = ops.mean(x, axis=axes, keepdims=True)
+        variance = ops.mean(ops.square(x - ops.stop_gradient(mean)), axis=axes)
+        return ops.reshape(mean, (x.shape[self.axis],)), variance
 
     def _broadcast(self, vector: Tensor, rank: int) -> Tensor:
         shape = [1] * rank
