@@ -479,8 +479,12 @@ def averages_at_write(olds: list[Tensor]) -> bool:
     """Whether the averages are computed in place at the commit's write.
 
     Eager PyTorch with every average on the CPU, where the commit's decision
-    can be read without a device synchronisation.
+    can be read without a device synchronisation; and TensorFlow outside a
+    `tf.distribute` replica step, where one XLA computation averages into
+    the variables (`weighted_average_in_place_if`).
     """
+    if BACKEND == "tensorflow":
+        return bool(olds) and assigns_under_condition()
     if BACKEND != "torch" or not olds or not writes_in_place():
         return False
     return all(old.device.type == "cpu" for old in olds)
@@ -489,12 +493,14 @@ def averages_at_write(olds: list[Tensor]) -> bool:
 def averages_finite(
     olds: list[Tensor], students: list[Tensor], weight: Tensor
 ) -> Tensor:
-    """Whether every new value will be finite, from the inputs (PyTorch, CPU).
+    """Whether every new value will be finite, from the inputs.
 
-    One `aminmax` pass over each old and student value; the new values are
-    computed and checked only when an input is not finite or beyond the
-    bound.
+    On PyTorch (CPU) one `aminmax` pass over each old and student value, on
+    TensorFlow one compiled sum of squares; the new values are computed and
+    checked only when an input is not finite or beyond the bound.
     """
+    if BACKEND == "tensorflow":
+        return _compiled_tf("finite", _averages_finite_tf)(olds, students, weight)
     import torch
 
     with torch.no_grad():
@@ -521,10 +527,19 @@ def weighted_average_in_place_if(
 ) -> None:
     """`average = average * (1 - weight) + student * weight` where `condition` holds.
 
-    For `(average, student)` pairs (eager PyTorch on CPU, `averages_at_write`):
-    in the average's storage, a slice at a time, with one small temporary
-    for `student * weight` (the same numbers as the out-of-place formula).
+    For `(average, student)` pairs (`averages_at_write`). Eager PyTorch on
+    CPU: in the average's storage, a slice at a time, with one small
+    temporary for `student * weight` (the same numbers as the out-of-place
+    formula). TensorFlow: one XLA computation, a fused loop per variable
+    that writes its buffer.
     """
+    if BACKEND == "tensorflow":
+        variables = [variable.value for variable, _ in updates]
+        students = [student for _, student in updates]
+        _compiled_tf("average", _average_into_tf)(
+            condition, variables, students, weight
+        )
+        return
     import torch
 
     if not bool(condition):
@@ -613,6 +628,51 @@ def _averages_finite_exactly(
         for old, student in zip(olds, students, strict=True)
     ]
     return jnp.all(jnp.stack(checks))
+
+
+_COMPILED_TF: dict[str, Any] = {}
+
+
+def _compiled_tf(name: str, function: Any) -> Any:
+    """`function` as a `tf.function` compiled by XLA, made once per process."""
+    if name not in _COMPILED_TF:
+        import tensorflow as tf
+
+        _COMPILED_TF[name] = tf.function(function, jit_compile=True)
+    return _COMPILED_TF[name]
+
+
+def _averages_finite_tf(
+    olds: list[Tensor], students: list[Tensor], weight: Tensor
+) -> Tensor:
+    import tensorflow as tf
+
+    inputs = [x for x in [*olds, *students] if x.shape.num_elements()]
+    if not inputs:
+        return tf.constant(True)
+    # As on JAX (`_averages_finite_jax`): a finite sum of squares bounds
+    # every input; otherwise the new values are computed and checked.
+    squares = tf.add_n([tf.reduce_sum(x * x) for x in inputs])
+
+    def exactly() -> Tensor:
+        checks = [
+            tf.reduce_all(tf.math.is_finite(old * (1.0 - weight) + student * weight))
+            for old, student in zip(olds, students, strict=True)
+        ]
+        return tf.reduce_all(tf.stack(checks))
+
+    return tf.cond(tf.math.is_finite(squares), lambda: tf.constant(True), exactly)
+
+
+def _average_into_tf(
+    condition: Tensor, variables: list[Any], students: list[Tensor], weight: Tensor
+) -> None:
+    import tensorflow as tf
+
+    for variable, student in zip(variables, students, strict=True):
+        old = variable.read_value()
+        new = old * (1.0 - weight) + student * weight
+        variable.assign(tf.where(condition, new, old))
 
 
 def _all_finite_by_sum_tf(values: list[Tensor]) -> Tensor:
