@@ -439,9 +439,13 @@ def protect_state_reads(layer: keras.layers.Layer) -> Iterator[None]:
 #   `aminmax` pass over each for the check (no `isfinite` mask);
 # - JAX: the check from the inputs, so that XLA fuses the average into the
 #   write and never stores it apart;
-# - TensorFlow: one `reduce_sum` per value for the check (no `is_finite`
-#   mask), and one `tf.cond` for the whole write (`assign_all_if`) instead
-#   of a `where` per variable;
+# - TensorFlow: two XLA computations, the check from the inputs and the
+#   averages written into the variables at the commit's write, gated
+#   (`weighted_average_in_place_if`), and the commit's other values in one
+#   `tf.cond` (`assign_all_if`); in a `tf.distribute` replica step (whose
+#   assigns synchronise) or a stateless scope, the values from Keras ops
+#   with one `reduce_sum` per value for the check (no `is_finite` mask),
+#   written by `commit_state`;
 # - compiled PyTorch: the values, checked by `commit_state`.
 #
 # A check from the inputs is exact: with every old and student value finite
