@@ -469,7 +469,7 @@ def weighted_averages(
     if BACKEND == "torch" and writes_in_place():
         return _weighted_averages_torch(olds, students, weight, check)
     values = [
-        old * (1.0 - weight) + student * weight
+        _average(old, student, weight)
         for old, student in zip(olds, students, strict=True)
     ]
     if not check or not values or BACKEND == "torch":
@@ -477,6 +477,11 @@ def weighted_averages(
     if BACKEND == "tensorflow":
         return values, _all_finite_by_sum_tf(values)
     return values, _averages_finite_jax(olds, students, weight)
+
+
+def _average(old: Tensor, student: Tensor, weight: Tensor) -> Tensor:
+    """The new value, out of place (`keras.ops` or the backend's operators)."""
+    return old * (1.0 - weight) + student * weight
 
 
 def averages_at_write(olds: list[Tensor]) -> bool:
@@ -620,18 +625,17 @@ def _finite_anyway(*_: Any) -> Tensor:
 def _averages_finite_exactly(
     olds: list[Tensor], students: list[Tensor], weight: Tensor
 ) -> Tensor:
-    """Whether every new value is finite, computed again from the inputs (JAX).
+    """Whether every new value is finite, computed again from the inputs.
 
-    The branch takes no computed value, which XLA would then have to store
-    apart from the write that computes it too.
+    The branch of the JAX and TensorFlow checks that runs when an input is
+    not finite or beyond the bound. It takes no computed value, which XLA
+    would then have to store apart from the write that computes it too.
     """
-    import jax.numpy as jnp
-
     checks = [
-        jnp.all(jnp.isfinite(old * (1.0 - weight) + student * weight))
+        keras.ops.all(keras.ops.isfinite(_average(old, student, weight)))
         for old, student in zip(olds, students, strict=True)
     ]
-    return jnp.all(jnp.stack(checks))
+    return keras.ops.all(keras.ops.stack(checks))
 
 
 _COMPILED_TF: dict[str, Any] = {}
@@ -657,15 +661,11 @@ def _averages_finite_tf(
     # As on JAX (`_averages_finite_jax`): a finite sum of squares bounds
     # every input; otherwise the new values are computed and checked.
     squares = tf.add_n([tf.reduce_sum(x * x) for x in inputs])
-
-    def exactly() -> Tensor:
-        checks = [
-            tf.reduce_all(tf.math.is_finite(old * (1.0 - weight) + student * weight))
-            for old, student in zip(olds, students, strict=True)
-        ]
-        return tf.reduce_all(tf.stack(checks))
-
-    return tf.cond(tf.math.is_finite(squares), lambda: tf.constant(True), exactly)
+    return tf.cond(
+        tf.math.is_finite(squares),
+        lambda: tf.constant(True),
+        lambda: _averages_finite_exactly(olds, students, weight),
+    )
 
 
 def _average_into_tf(
@@ -675,8 +675,7 @@ def _average_into_tf(
 
     for variable, student in zip(variables, students, strict=True):
         old = variable.read_value()
-        new = old * (1.0 - weight) + student * weight
-        variable.assign(tf.where(condition, new, old))
+        variable.assign(tf.where(condition, _average(old, student, weight), old))
 
 
 def _all_finite_by_sum_tf(values: list[Tensor]) -> Tensor:
