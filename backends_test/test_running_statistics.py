@@ -127,6 +127,27 @@ def test_moving_moments_per_channel_first_axis(rng):
     np.testing.assert_allclose(value_of(layer.moving_variance), variance, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "shape, axis",
+    [
+        ((512, 3), -1),  # features last
+        ((16, 3, 4, 5), 1),  # channels first
+        ((16, 4, 3, 2), (-2, -1)),  # several trailing feature axes
+        ((16, 4, 3, 5), 2),  # a middle axis
+    ],
+)
+def test_moving_moments_keep_the_variance_under_a_large_offset(shape, axis, rng):
+    batch = (1e6 + rng.normal(0.0, 1.0, shape)).astype("float32")
+    layer = MovingMoments(axis=axis, momentum=0.0)
+    layer(batch, training=True)
+    axes = (axis,) if isinstance(axis, int) else axis
+    kept = [a % len(shape) for a in axes]
+    x = np.moveaxis(batch.astype("float64"), kept, range(-len(kept), 0))
+    x = x.reshape(-1, *x.shape[len(shape) - len(kept) :])
+    np.testing.assert_allclose(value_of(layer.moving_mean), x.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(value_of(layer.moving_variance), x.var(0), rtol=1e-4)
+
+
 def test_moving_moments_bad_arguments_say_what_to_write():
     with pytest.raises(ValueError, match=r"momentum=1\.5.*0\.99"):
         MovingMoments(momentum=1.5)

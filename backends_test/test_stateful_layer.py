@@ -216,6 +216,16 @@ def test_non_finite_batch_is_skipped_and_counted(bad):
     assert layer.skipped_updates == 1
 
 
+def test_finite_values_near_the_float32_limit_are_committed():
+    # Their float32 sum overflows; each value is finite, so nothing is skipped.
+    layer = built_accumulator(dim=4)
+    big = np.full((1, 4), 3.0e38, "float32")
+    layer(big, training=True)
+    np.testing.assert_array_equal(value_of(layer.total), big[0])
+    assert state_snapshot(layer)["count"] == 1
+    assert layer.skipped_updates == 0
+
+
 def test_guard_can_be_turned_off():
     layer = Accumulator(guard_non_finite=False)
     layer.build((None, 3))

@@ -10,6 +10,8 @@ and only this one imports from `keras.src`.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -161,6 +163,11 @@ def stored_form(variable: keras.Variable, value: Tensor) -> Tensor:
     return value
 
 
+def on_host(values: list[Tensor]) -> bool:
+    """Whether every value is a CPU tensor (torch), so a flag read costs no sync."""
+    return all(value.device.type == "cpu" for value in values)
+
+
 def all_finite_in_place(values: list[Tensor]) -> Tensor | None:
     """A 0-d bool tensor: every float value finite; None if none is float.
 
@@ -185,6 +192,29 @@ def all_finite_in_place(values: list[Tensor]) -> Tensor | None:
 _CONCATENATE_UP_TO = 1 << 16
 
 
+def all_finite_on_host(values: list[Tensor]) -> bool | None:
+    """Whether every float value is finite, read on the host; None if none is float.
+
+    Exact, from float64 sums: a float32 or narrower value cannot make a
+    float64 sum overflow, and a non-finite one makes it non-finite. A sum is
+    one pass of one kernel where `isfinite` is several element-wise ops.
+    """
+    import torch
+
+    floats = [value for value in values if value.is_floating_point()]
+    if not floats:
+        return None
+    if (
+        len(floats) > 1
+        and len({value.dtype for value in floats}) == 1
+        and sum(value.numel() for value in floats) <= _CONCATENATE_UP_TO
+    ):
+        floats = [torch.cat([v if v.dim() == 1 else v.reshape(-1) for v in floats])]
+    if any(value.dtype == torch.float64 for value in floats):
+        return bool(all_finite_in_place(floats))
+    return all(math.isfinite(value.sum(dtype=torch.float64)) for value in floats)
+
+
 def write_where_in_place(updates: Any, gate: Tensor) -> None:
     """`variable = where(gate, value, variable)` in the variables' storage.
 
@@ -192,9 +222,13 @@ def write_where_in_place(updates: Any, gate: Tensor) -> None:
     variable's stored dtype (`stored_form`). A whole variable takes one
     `torch.where` written into it; rows take a select, a where and an
     `index_copy_`, at a cost that does not grow with the variable's rows.
+    A gate of Python `True` (decided on the host) copies the values in.
     """
     import torch
 
+    if gate is True:
+        _copy_in_place(updates)
+        return
     with torch.no_grad():
         for variable, indices, value in updates:
             stored = variable._value
@@ -208,6 +242,24 @@ def write_where_in_place(updates: Any, gate: Tensor) -> None:
                 stored.index_copy_(0, indices, torch.where(gate, value, old))
 
 
+def _copy_in_place(updates: Any) -> None:
+    """Each `(variable, indices or None, value)` copied into the variable.
+
+    The stored tensors are not trainable and the values carry no gradient
+    (`stored_form`), so no autograd mode needs switching.
+    """
+    import torch
+
+    for variable, indices, value in updates:
+        stored = variable._value
+        if indices is not None:
+            stored.index_copy_(0, indices.to(torch.long), value)
+            continue
+        if _shares_memory(value, stored):
+            value = value.clone()  # a partial overlap would be refused
+        stored.copy_(value)
+
+
 def count_in_place(counter: keras.Variable, condition: Tensor) -> None:
     """`counter += 1` where `condition` holds, stopping at `COUNTER_LIMIT`."""
     import torch
@@ -218,8 +270,35 @@ def count_in_place(counter: keras.Variable, condition: Tensor) -> None:
 
 
 def next_count_in_place(current: Tensor) -> Tensor:
-    """`current + 1` for an int32 counter, stopping at `COUNTER_LIMIT` (torch)."""
+    """`current + 1` for an int32 counter, stopping at `COUNTER_LIMIT` (torch).
+
+    On the CPU the count is read and the new one made on the host: two
+    cheap calls instead of two tensor ops.
+    """
+    import torch
+
+    if current.device.type == "cpu":
+        count = min(int(current) + 1, COUNTER_LIMIT)
+        return torch.scalar_tensor(count, dtype=current.dtype)
     return current + (current != COUNTER_LIMIT)
+
+
+def ema_fused(old: Tensor, new: Tensor, keep: float, take: float) -> Tensor | None:
+    """`keep * old + take * new` in one op on eager PyTorch, else None.
+
+    With `keep + take = 1`, `torch.lerp(old, new, take)` is the same
+    average, rounded differently (`old + take * (new - old)`): the values
+    agree to about a float32 ulp. One kernel instead of three, each with a
+    wrapped Python number.
+    """
+    if BACKEND != "torch" or in_stateless_scope():
+        return None
+    import torch
+
+    if torch.compiler.is_compiling() or old.dtype != new.dtype:
+        return None
+    del keep  # implied: 1 - take
+    return torch.lerp(old, new, take)
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -240,6 +319,66 @@ def sum_keepdims(x: Tensor, axes: tuple[int, ...]) -> Tensor:
     if BACKEND == "torch":
         return x.sum(dim=axes, keepdim=True)
     return keras.ops.sum(x, axis=axes, keepdims=True)
+
+
+def shifted_moments_fused(
+    x: Tensor, reduce_axes: tuple[int, ...]
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`(shift, mean - shift, biased variance)` of `x` per feature, or None.
+
+    Eager PyTorch only (elsewhere, and for a layout it does not take, None):
+    the moments come from the kernel `torch.nn.BatchNorm*` updates its
+    running statistics with, one call instead of three sums and their
+    element-wise passes. That kernel accumulates the mean in float32, which
+    a large common offset (values near 1e6) would round, so it runs on
+    `x - shift` with `shift` the first value of each feature: the centred
+    values are small and their sums exact enough. `x` is float32 with at
+    least one value. The results carry no gradient and hold one value per
+    feature, the reduced axes dropped or kept (size 1): reshape them to the
+    per-feature shape.
+    """
+    if BACKEND != "torch" or not x.numel():
+        return None
+    import torch
+
+    layout = _fused_moments_layout(len(x.shape), reduce_axes)
+    if layout is None or torch.compiler.is_compiling():
+        return None
+    first_values, flatten = layout
+    x = x.detach()
+    shift = x[first_values]
+    centred = x - shift
+    if flatten:
+        centred = centred.reshape(-1, shift.numel())
+    offset, variance = torch.batch_norm_update_stats(centred, None, None, 0.0)
+    return shift, offset, variance
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_moments_layout(
+    rank: int, reduce_axes: tuple[int, ...]
+) -> tuple[tuple[int | slice, ...], bool] | None:
+    """How `shifted_moments_fused` takes an input of this rank, or None.
+
+    The kernel reduces every axis but axis 1. Features on axis 1 go as they
+    are; features on the trailing axes are flattened to one axis first.
+    Returns the index of the first value of each feature (broadcastable
+    against the input) and whether to flatten.
+    """
+    import torch
+
+    kept = [axis for axis in range(rank) if axis not in reduce_axes]
+    trailing = kept == list(range(rank - len(kept), rank))
+    if not kept or not (kept == [1] or trailing):
+        return None
+    if not hasattr(torch, "batch_norm_update_stats"):
+        return None
+    # Leading reduced axes are indexed away; later ones kept with size 1.
+    first_values = tuple(
+        (0 if axis < kept[0] else slice(0, 1)) if axis in reduce_axes else slice(None)
+        for axis in range(rank)
+    )
+    return first_values, kept != [1]
 
 
 def maximum(x: Tensor, y: Tensor | float) -> Tensor:
@@ -281,7 +420,7 @@ def full_like(x: Tensor, value: float) -> Tensor:
 def reshape(x: Tensor, shape: tuple[int, ...]) -> Tensor:
     """`ops.reshape(x, shape)` for a tensor `x`."""
     if BACKEND == "torch":
-        return x.reshape(shape)
+        return x if x.shape == shape else x.reshape(shape)
     return keras.ops.reshape(x, shape)
 
 

@@ -443,6 +443,9 @@ class StatefulLayer(keras.layers.Layer):
         window, self._window.pending = self._window.pending, None
         in_place = _backend.writes_in_place()
         new_values = [self._stored_form(v, value, in_place) for v, _, value in checked]
+        if in_place and window is None and _backend.on_host(new_values):
+            self._commit_decided_on_host(checked, new_values, gate, finite)
+            return
         when = gate if window is None else gate & window.closes
         skipped = None
         if self.guard_non_finite:
@@ -465,6 +468,33 @@ class StatefulLayer(keras.layers.Layer):
             when,
             in_place,
         )
+
+    def _commit_decided_on_host(
+        self,
+        checked: list[tuple[keras.Variable, Tensor | None, Tensor]],
+        new_values: list[Tensor],
+        gate: Tensor,
+        finite: Tensor | None,
+    ) -> None:
+        """The commit with its decision read into Python (eager, on the CPU).
+
+        There reading a flag costs less than the masked writes and flag
+        arithmetic of the general path: the values are copied only when the
+        update is made, and the skipped counter moves only on a skip. The
+        results are the same.
+        """
+        if not bool(gate):
+            return
+        if self.guard_non_finite:
+            if finite is None:
+                finite = _backend.all_finite_on_host(new_values)
+            if finite is not None and not bool(finite):
+                _backend.count_in_place(self._skipped_updates, True)
+                return
+        updates = [
+            (v, i, value) for (v, i, _), value in zip(checked, new_values, strict=True)
+        ]
+        self._write(updates, True, in_place=True)
 
     def _stored_form(
         self, variable: keras.Variable, value: Tensor, in_place: bool

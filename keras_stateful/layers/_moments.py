@@ -3,6 +3,7 @@ exact merge into running ones, and the exponential moving average."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -65,11 +66,22 @@ def batch_moments(
     as for a first batch), so a large common offset (values around 1e6) does
     not cancel the variance away in float32. Masked-out values (mask false
     or 0) are left out, whatever they hold; when nothing is left the mean
-    offset is NaN. The
-    results keep the reduced axes (size 1).
+    offset is NaN. The results keep the reduced axes (size 1).
+
+    On eager PyTorch on one process, with no mask and no shift given, one
+    fused kernel computes the moments of `x` minus its first value per
+    feature (`_backend.shifted_moments_fused`); the results then hold one
+    value per feature, the reduced axes possibly dropped. `moments_by_name`
+    reshapes either form to the per-feature shape.
     """
     x = ops.cast(inputs, "float32")
     axes = tuple(reduce_axes)
+    if mask is None and shift is None and not distributed.communicates():
+        fused = _backend.shifted_moments_fused(x, axes)
+        if fused is not None:
+            shift, mean_offset, variance = fused
+            count = _values_per_feature(variance, x, axes)
+            return count, shift, mean_offset, variance * count
 
     def global_sum(values: Tensor) -> Tensor:
         return distributed.cross_replica_sum(_backend.sum_keepdims(values, axes))
@@ -122,8 +134,19 @@ def ema(old: keras.Variable, new: Tensor, momentum: float | Tensor) -> Tensor:
         m = ops.cast(momentum, "float32")
         return m * _backend.read_value(old) + (1.0 - m) * new
     # Python numbers, each exactly a float32: no tensor to make per call.
+    keep, take = _ema_weights(momentum)
+    old_value = _backend.read_value(old)
+    fused = _backend.ema_fused(old_value, new, keep, take)
+    if fused is not None:
+        return fused
+    return keep * old_value + take * new
+
+
+@functools.lru_cache(maxsize=256)
+def _ema_weights(momentum: float) -> tuple[float, float]:
+    """`momentum` and `1 - momentum` as float32 numbers (Python floats)."""
     m32 = np.float32(momentum)
-    return float(m32) * _backend.read_value(old) + float(np.float32(1) - m32) * new
+    return float(m32), float(np.float32(1) - m32)
 
 
 def merge_moments(
