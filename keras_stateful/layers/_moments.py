@@ -74,14 +74,12 @@ def batch_moments(
     value per feature, the reduced axes possibly dropped. `moments_by_name`
     reshapes either form to the per-feature shape.
     """
-    x = ops.cast(inputs, "float32")
+    x = _backend.as_float32(inputs)
     axes = tuple(reduce_axes)
     if mask is None and shift is None and not distributed.communicates():
         fused = _backend.shifted_moments_fused(x, axes)
         if fused is not None:
-            shift, mean_offset, variance = fused
-            count = _values_per_feature(variance, x, axes)
-            return count, shift, mean_offset, variance * count
+            return fused
 
     def global_sum(values: Tensor) -> Tensor:
         return distributed.cross_replica_sum(_backend.sum_keepdims(values, axes))
