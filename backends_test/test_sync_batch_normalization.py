@@ -112,6 +112,35 @@ def test_one_device_equals_keras_batch_normalization(case, rng):
     assert_same(value_of(ours(x)), value_of(keras_bn(x)), "inference outputs", atol)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="autograd's saved tensors are PyTorch's")
+@pytest.mark.parametrize("training", ["bool", "tensor"])
+@pytest.mark.parametrize("mask", [False, True])
+def test_backward_saves_no_state_so_no_read_needs_protecting(training, mask, rng):
+    """The layer skips the backward-safety hook: nothing it saves is state."""
+    import torch
+
+    layer = SyncBatchNormalization(momentum=0.9)
+    x = torch.tensor(rng.normal(2.0, 3.0, (8, 3)).astype("float32"), requires_grad=True)
+    layer.build(tuple(x.shape))
+    state = {
+        v.value.untyped_storage().data_ptr() for v in layer.non_trainable_variables
+    }
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    kwargs = {"training": True if training == "bool" else torch.tensor(True)}
+    if mask:
+        kwargs["mask"] = torch.tensor(rng.random(8) > 0.3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x, **kwargs)
+    assert saved and not state & set(saved)
+    out.sum().backward()  # after the in-place commit
+    assert layer._state_reads_need_protection is False
+
+
 def test_large_offset_keeps_the_variance(rng):
     """Centred moments: values around 1000 (variance 9) lose nothing in
     float32 (Keras's E[x²] - E[x]² on PyTorch loses about 1e-4 here)."""

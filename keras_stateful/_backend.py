@@ -393,6 +393,21 @@ def as_float32(x: Tensor) -> Tensor:
     return keras.ops.cast(x, "float32")
 
 
+def centred_moments(x: Tensor, axes: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """`mean` and `mean((x - stop_gradient(mean))**2)` over `axes`, kept (size 1).
+
+    With gradients: the variance's gradient through the mean is zero
+    (`-2 E[x - mean] = 0`), so the mean enters it cut from the gradient.
+    """
+    if BACKEND == "torch":
+        mean = x.mean(dim=axes, keepdim=True)
+        return mean, (x - mean.detach()).square().mean(dim=axes, keepdim=True)
+    ops = keras.ops
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    centred = x - ops.stop_gradient(mean)
+    return mean, ops.mean(ops.square(centred), axis=axes, keepdims=True)
+
+
 def maximum(x: Tensor, y: Tensor | float) -> Tensor:
     """`ops.maximum(x, y)` for a float tensor `x` (NaN propagates)."""
     if BACKEND == "torch":

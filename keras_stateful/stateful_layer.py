@@ -569,8 +569,17 @@ class StatefulLayer(keras.layers.Layer):
             )
         self.commit_state(*updates, training=_backend.current_training_flag())
 
+    # Whether a call may save a state variable's own storage for its backward
+    # pass (PyTorch), which the commit's in-place write would then corrupt:
+    # `protect_state_reads` copies what autograd saves. A built-in layer
+    # that provably never does (its state read only as the old value of an
+    # EMA against a Python number, or after its commit) turns it off.
+    _state_reads_need_protection = True
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._window.pending = None  # what `accumulate` notes lives one call
+        if not self._state_reads_need_protection:
+            return super().__call__(*args, **kwargs)
         with _backend.protect_state_reads(self):
             return super().__call__(*args, **kwargs)
 

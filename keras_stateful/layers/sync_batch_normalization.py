@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_stateful import distributed
+from keras_stateful import _backend, distributed
 from keras_stateful.layers import _checks
 from keras_stateful.layers._moments import ema
 from keras_stateful.stateful_layer import StatefulLayer
@@ -103,6 +103,11 @@ class SyncBatchNormalization(StatefulLayer):
         - [`torch.nn.SyncBatchNorm`](https://pytorch.org/docs/stable/generated/torch.nn.SyncBatchNorm.html)
         - [`keras.layers.BatchNormalization`](https://keras.io/api/layers/normalization_layers/batch_normalization/)
     """
+
+    # Its state is read only as the old value of the moving averages (an EMA
+    # against a Python momentum, which autograd does not save) and, for a
+    # tensor `training`, after the commit: nothing to protect.
+    _state_reads_need_protection = False
 
     def __init__(
         self,
@@ -308,10 +313,9 @@ class SyncBatchNormalization(StatefulLayer):
         the same gradient without the backward pass's full-size negation
         and sum (about a quarter of an eager PyTorch step of the layer).
         """
-        axes = self._reduction_axes
-        mean = ops.mean(x, axis=axes, keepdims=True)
-        variance = ops.mean(ops.square(x - ops.stop_gradient(mean)), axis=axes)
-        return ops.reshape(mean, (x.shape[self.axis],)), variance
+        mean, variance = _backend.centred_moments(x, tuple(self._reduction_axes))
+        features = (x.shape[self.axis],)
+        return _backend.reshape(mean, features), _backend.reshape(variance, features)
 
     def _broadcast(self, vector: Tensor, rank: int) -> Tensor:
         shape = [1] * rank
