@@ -27,7 +27,9 @@ model and trainer, keeping only the new state: `MovingMoments` and Keras's
 `tf.function` returning nothing, so only the state assignments run; an eager
 call under `no_grad`, which computes the output too), against the native
 EMA above (`native_ema`) and, on PyTorch, `torch.nn.BatchNorm1d(512,
-affine=False)` (`torch_batch_norm`, which also normalises). On PyTorch the
+affine=False)` (`torch_batch_norm`, which also normalises) and a Keras layer
+that returns its input (`keras_identity`: the cost of a Keras layer call,
+a floor for any Keras layer). On PyTorch the
 ATen ops each update dispatches are counted with `torch.profiler`
 (`aten_ops_per_update`), and the update alone has goals: MovingMoments
 within Keras's BatchNormalization (at most 1.0x) and within 3x BatchNorm1d.
@@ -73,6 +75,13 @@ def keras_model(stats, width):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
+
+
+class Identity(keras.layers.Layer):
+    """A Keras layer that returns its input: what any layer call costs."""
+
+    def call(self, inputs, training=None):
+        return inputs
 
 
 def keras_layer_update(layer, x):
@@ -398,6 +407,8 @@ def main(argv=None):
         update_variants["torch_batch_norm"] = native_torch_update(
             "batch_norm", width, hidden
         )
+        # The floor: a Keras layer call that does nothing.
+        update_variants["keras_identity"] = keras_layer_update(Identity(), hidden)
     update = harness.time_interleaved(
         update_variants, steps=steps, rounds=4 * rounds, warmup=warmup
     )
@@ -427,7 +438,10 @@ def main(argv=None):
             ("keras_moving_moments", "native_batch_norm"),
             ("native_batch_norm", "native_without"),
         ]
-        update_pairs.append(("moving_moments", "torch_batch_norm"))
+        update_pairs += [
+            ("moving_moments", "torch_batch_norm"),
+            ("keras_identity", "torch_batch_norm"),
+        ]
     ratios = {
         part: {f"{a}_over_{b}": harness.ratio(timed[a], timed[b]) for a, b in pairs}
         for part, timed, pairs in (
