@@ -217,24 +217,18 @@ _CONCATENATE_UP_TO = 1 << 16
 def all_finite_on_host(values: list[Tensor]) -> bool | None:
     """Whether every float value is finite, read on the host; None if none is float.
 
-    Exact, from float64 sums: a float32 or narrower value cannot make a
-    float64 sum overflow, and a non-finite one makes it non-finite. A sum is
-    one pass of one kernel where `isfinite` is several element-wise ops.
+    Exact: a value whose sum is finite has only finite elements (a NaN or an
+    infinity makes the sum non-finite), so one sum per value, read into
+    Python, settles the common case; a non-finite sum (a non-finite value,
+    or finite ones that overflow it) is settled element by element. A sum
+    is one kernel where `isfinite` is several element-wise ops.
     """
-    import torch
-
     floats = [value for value in values if value.is_floating_point()]
     if not floats:
         return None
-    if (
-        len(floats) > 1
-        and len({value.dtype for value in floats}) == 1
-        and sum(value.numel() for value in floats) <= _CONCATENATE_UP_TO
-    ):
-        floats = [torch.cat([v if v.dim() == 1 else v.reshape(-1) for v in floats])]
-    if any(value.dtype == torch.float64 for value in floats):
-        return bool(all_finite_in_place(floats))
-    return all(math.isfinite(value.sum(dtype=torch.float64)) for value in floats)
+    if all(math.isfinite(value.sum()) for value in floats):
+        return True
+    return bool(all_finite_in_place(floats))
 
 
 def write_where_in_place(updates: Any, gate: Tensor) -> None:
