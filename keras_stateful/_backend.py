@@ -339,8 +339,8 @@ def sum_keepdims(x: Tensor, axes: tuple[int, ...]) -> Tensor:
 
 def shifted_moments_fused(
     x: Tensor, reduce_axes: tuple[int, ...]
-) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """`(count, shift, mean - shift, m2)` of `x` per feature, or None.
+) -> tuple[int, Tensor, Tensor, Tensor] | None:
+    """`(n, shift, mean - shift, variance)` of `x` per feature, or None.
 
     Eager PyTorch only (elsewhere, and for a layout it does not take, None):
     the moments come from the kernel `torch.nn.BatchNorm*` updates its
@@ -348,10 +348,11 @@ def shifted_moments_fused(
     element-wise passes. That kernel accumulates the mean in float32, which
     a large common offset (values near 1e6) would round, so it runs on
     `x - shift` with `shift` the first value of each feature: the centred
-    values are small and their sums exact enough. `m2` is the sum of squared
-    deviations from the mean. `x` is float32 with at least one value. The
-    results carry no gradient and hold one value per feature, the reduced
-    axes dropped or kept (size 1): reshape them to the per-feature shape.
+    values are small and their sums exact enough. `n` is the number of
+    values per feature (a Python int) and `variance` the biased one. `x` is
+    float32 with at least one value. The tensors carry no gradient and hold
+    one value per feature, the reduced axes dropped or kept (size 1):
+    reshape them to the per-feature shape.
     """
     if BACKEND != "torch" or not x.numel():
         return None
@@ -367,9 +368,7 @@ def shifted_moments_fused(
     if flatten:
         centred = centred.reshape(-1, shift.numel())
     offset, variance = torch.batch_norm_update_stats(centred, None, None, 0.0)
-    values_per_feature = x.numel() // variance.numel()
-    count = torch.full_like(variance, values_per_feature)
-    return count, shift, offset, variance * values_per_feature
+    return x.numel() // variance.numel(), shift, offset, variance
 
 
 @functools.lru_cache(maxsize=64)

@@ -76,10 +76,11 @@ def batch_moments(
     """
     x = _backend.as_float32(inputs)
     axes = tuple(reduce_axes)
-    if mask is None and shift is None and not distributed.communicates():
-        fused = _backend.shifted_moments_fused(x, axes)
+    if mask is None and shift is None:
+        fused = _fused_moments(x, axes)
         if fused is not None:
-            return fused
+            n, shift, mean_offset, variance = fused
+            return _backend.full_like(variance, n), shift, mean_offset, variance * n
 
     def global_sum(values: Tensor) -> Tensor:
         return distributed.cross_replica_sum(_backend.sum_keepdims(values, axes))
@@ -119,6 +120,34 @@ def batch_moments(
     # base class's non-finite guard skips the update and counts the skip.
     mean_offset = _backend.where(count > 0, mean_offset, float("nan"))
     return count, shift, mean_offset, m2
+
+
+def batch_mean_and_variance(
+    inputs: Tensor, reduce_axes: Sequence[int], mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(count, mean, biased variance)` over `reduce_axes`, over all replicas.
+
+    `batch_moments` combined, for a layer that needs no more; on eager
+    PyTorch straight from the fused kernel (nothing to add or divide). One
+    value per feature, in `batch_moments`' shapes.
+    """
+    if mask is None:
+        fused = _fused_moments(_backend.as_float32(inputs), tuple(reduce_axes))
+        if fused is not None:
+            n, shift, mean_offset, variance = fused
+            mean = shift + _backend.reshape(mean_offset, tuple(shift.shape))
+            return _backend.full_like(variance, n), mean, variance
+    count, shift, mean_offset, m2 = batch_moments(inputs, reduce_axes, mask)
+    return count, shift + mean_offset, m2 / count
+
+
+def _fused_moments(
+    x: Tensor, axes: tuple[int, ...]
+) -> tuple[int, Tensor, Tensor, Tensor] | None:
+    """`_backend.shifted_moments_fused` on one process, else None."""
+    if distributed.communicates():
+        return None
+    return _backend.shifted_moments_fused(x, axes)
 
 
 def ema(old: keras.Variable, new: Tensor, momentum: float | Tensor) -> Tensor:

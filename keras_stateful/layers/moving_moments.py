@@ -9,9 +9,11 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_stateful import _backend
 from keras_stateful.layers import _checks
 from keras_stateful.layers._moments import (
     add_moment_statistics,
+    batch_mean_and_variance,
     batch_moments,
     ema,
     feature_shape,
@@ -138,17 +140,9 @@ class MovingMoments(StatefulLayer):
     ) -> Tensor:
         if not self.may_update(training):
             return inputs
-        reduce = [a for a in range(len(inputs.shape)) if a not in self._axes]
-        moments = batch_moments(inputs, reduce, mask)
-        stats = self.accumulate(
-            moments_by_name(moments, self._feature_shape),
-            training=training,
-            merge=merge_batch_moments,
-        )
-        count = stats["count"]
-        mean = stats["shift"] + stats["mean_offset"]
-        divisor = count - 1.0 if self.unbiased else count
-        variance = stats["m2"] / divisor
+        count, mean, variance = self._batch_statistics(inputs, training, mask)
+        if self.unbiased:
+            variance = variance * (count / (count - 1.0))
 
         counter = next_count(self.counter)
         if self.momentum is None:
@@ -177,6 +171,24 @@ class MovingMoments(StatefulLayer):
                 training=training,
             )
         return inputs
+
+    def _batch_statistics(
+        self, inputs: Tensor, training: bool | Tensor | None, mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """`(count, mean, biased variance)` of the batch, or of the window so far."""
+        reduce = [a for a in range(len(inputs.shape)) if a not in self._axes]
+        if self.accumulation_steps == 1:
+            return tuple(
+                _backend.reshape(value, self._feature_shape)
+                for value in batch_mean_and_variance(inputs, reduce, mask)
+            )
+        stats = self.accumulate(
+            moments_by_name(batch_moments(inputs, reduce, mask), self._feature_shape),
+            training=training,
+            merge=merge_batch_moments,
+        )
+        count = stats["count"]
+        return count, stats["shift"] + stats["mean_offset"], stats["m2"] / count
 
     @contextlib.contextmanager
     def calibration(self) -> Iterator[None]:
