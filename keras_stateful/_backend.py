@@ -362,7 +362,8 @@ def shifted_moments_fused(
     if layout is None or torch.compiler.is_compiling():
         return None
     first_values, flatten = layout
-    x = x.detach()
+    if x.requires_grad:
+        x = x.detach()
     shift = x[first_values]
     centred = x - shift
     if flatten:

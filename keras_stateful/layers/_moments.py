@@ -124,19 +124,20 @@ def batch_moments(
 
 def batch_mean_and_variance(
     inputs: Tensor, reduce_axes: Sequence[int], mask: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor | float, Tensor, Tensor]:
     """`(count, mean, biased variance)` over `reduce_axes`, over all replicas.
 
     `batch_moments` combined, for a layer that needs no more; on eager
-    PyTorch straight from the fused kernel (nothing to add or divide). One
-    value per feature, in `batch_moments`' shapes.
+    PyTorch straight from the fused kernel (nothing to add or divide), with
+    the count, the same for every feature, as a Python number. The mean and
+    variance hold one value per feature, in `batch_moments`' shapes.
     """
     if mask is None:
         fused = _fused_moments(_backend.as_float32(inputs), tuple(reduce_axes))
         if fused is not None:
             n, shift, mean_offset, variance = fused
             mean = shift + _backend.reshape(mean_offset, tuple(shift.shape))
-            return _backend.full_like(variance, n), mean, variance
+            return float(n), mean, variance
     count, shift, mean_offset, m2 = batch_moments(inputs, reduce_axes, mask)
     return count, shift + mean_offset, m2 / count
 

@@ -142,7 +142,7 @@ class MovingMoments(StatefulLayer):
             return inputs
         count, mean, variance = self._batch_statistics(inputs, training, mask)
         if self.unbiased:
-            variance = variance * (count / (count - 1.0))
+            variance = variance * _bessel_correction(count)
 
         counter = next_count(self.counter)
         if self.momentum is None:
@@ -174,13 +174,18 @@ class MovingMoments(StatefulLayer):
 
     def _batch_statistics(
         self, inputs: Tensor, training: bool | Tensor | None, mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor | float, Tensor, Tensor]:
         """`(count, mean, biased variance)` of the batch, or of the window so far."""
         reduce = [a for a in range(len(inputs.shape)) if a not in self._axes]
         if self.accumulation_steps == 1:
-            return tuple(
-                _backend.reshape(value, self._feature_shape)
-                for value in batch_mean_and_variance(inputs, reduce, mask)
+            count, mean, variance = batch_mean_and_variance(inputs, reduce, mask)
+            shape = self._feature_shape
+            if not isinstance(count, float):  # a tensor, as batch_moments keeps it
+                count = _backend.reshape(count, shape)
+            return (
+                count,
+                _backend.reshape(mean, shape),
+                _backend.reshape(variance, shape),
             )
         stats = self.accumulate(
             moments_by_name(batch_moments(inputs, reduce, mask), self._feature_shape),
@@ -223,3 +228,10 @@ class MovingMoments(StatefulLayer):
             "unbiased": self.unbiased,
             "zero_debias": self.zero_debias,
         }
+
+
+def _bessel_correction(count: Tensor | float) -> Tensor | float:
+    """`n / (n - 1)`; NaN for one value per feature, so that the update is skipped."""
+    if isinstance(count, float):
+        return count / (count - 1.0) if count > 1.0 else float("nan")
+    return count / (count - 1.0)
