@@ -113,7 +113,7 @@ def test_one_device_equals_keras_batch_normalization(case, rng):
 
 
 @pytest.mark.skipif(BACKEND != "torch", reason="autograd's saved tensors are PyTorch's")
-@pytest.mark.parametrize("training", ["bool", "tensor"])
+@pytest.mark.parametrize("training", ["bool", "tensor", "inference"])
 @pytest.mark.parametrize("mask", [False, True])
 def test_backward_saves_no_state_so_no_read_needs_protecting(training, mask, rng):
     """The layer skips the backward-safety hook: nothing it saves is state."""
@@ -131,13 +131,14 @@ def test_backward_saves_no_state_so_no_read_needs_protecting(training, mask, rng
         saved.append(tensor.untyped_storage().data_ptr())
         return tensor
 
-    kwargs = {"training": True if training == "bool" else torch.tensor(True)}
+    flags = {"bool": True, "tensor": torch.tensor(True), "inference": False}
+    kwargs = {"training": flags[training]}
     if mask:
         kwargs["mask"] = torch.tensor(rng.random(8) > 0.3)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         out = layer(x, **kwargs)
     assert saved and not state & set(saved)
-    out.sum().backward()  # after the in-place commit
+    out.sum().backward()  # after the in-place commit, if any
     assert layer._state_reads_need_protection is False
 
 

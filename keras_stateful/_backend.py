@@ -299,13 +299,12 @@ def next_count_in_place(current: Tensor) -> Tensor:
     return current + (current != COUNTER_LIMIT)
 
 
-def ema_fused(old: Tensor, new: Tensor, keep: float, take: float) -> Tensor | None:
-    """`keep * old + take * new` in one op on eager PyTorch, else None.
+def ema_fused(old: Tensor, new: Tensor, take: float) -> Tensor | None:
+    """`(1 - take) * old + take * new` in one op on eager PyTorch, else None.
 
-    With `keep + take = 1`, `torch.lerp(old, new, take)` is the same
-    average, rounded differently (`old + take * (new - old)`): the values
-    agree to about a float32 ulp. One kernel instead of three, each with a
-    wrapped Python number.
+    `torch.lerp(old, new, take)` is the same average, rounded differently
+    (`old + take * (new - old)`): the values agree to about a float32 ulp.
+    One kernel instead of three, each with a wrapped Python number.
     """
     if BACKEND != "torch" or in_stateless_scope():
         return None
@@ -313,7 +312,6 @@ def ema_fused(old: Tensor, new: Tensor, keep: float, take: float) -> Tensor | No
 
     if torch.compiler.is_compiling() or old.dtype != new.dtype:
         return None
-    del keep  # implied: 1 - take
     return torch.lerp(old, new, take)
 
 

@@ -165,7 +165,7 @@ def ema(old: keras.Variable, new: Tensor, momentum: float | Tensor) -> Tensor:
     # Python numbers, each exactly a float32: no tensor to make per call.
     keep, take = _ema_weights(momentum)
     old_value = _backend.read_value(old)
-    fused = _backend.ema_fused(old_value, new, keep, take)
+    fused = _backend.ema_fused(old_value, new, take)
     if fused is not None:
         return fused
     return keep * old_value + take * new
