@@ -619,13 +619,13 @@ def protect_state_reads(layer: keras.layers.Layer) -> Iterator[None]:
 #   `aminmax` pass over each for the check (no `isfinite` mask);
 # - JAX: the check from the inputs, so that XLA fuses the average into the
 #   write and never stores it apart;
-# - TensorFlow: two XLA computations, the check from the inputs and the
-#   averages written into the variables at the commit's write, gated
-#   (`weighted_average_in_place_if`), and the commit's other values in one
-#   `tf.cond` (`assign_all_if`); in a `tf.distribute` replica step (whose
-#   assigns synchronise) or a stateless scope, the values from Keras ops
-#   with one `reduce_sum` per value for the check (no `is_finite` mask),
-#   written by `commit_state`;
+# - TensorFlow: the check from the inputs with TensorFlow's own kernels,
+#   one XLA computation that writes the averages into the variables at the
+#   commit's write, gated (`weighted_average_in_place_if`), and the
+#   commit's other values in one `tf.cond` (`assign_all_if`); in a
+#   `tf.distribute` replica step (whose assigns synchronise) or a stateless
+#   scope, the values from Keras ops with one `reduce_sum` per value for the
+#   check (no `is_finite` mask), written by `commit_state`;
 # - compiled PyTorch: the values, checked by `commit_state`.
 #
 # A check from the inputs is exact: with every old and student value finite
@@ -685,11 +685,12 @@ def averages_finite(
     """Whether every new value will be finite, from the inputs.
 
     On PyTorch (CPU) one `aminmax` pass over each old and student value, on
-    TensorFlow one compiled sum of squares; the new values are computed and
-    checked only when an input is not finite or beyond the bound.
+    TensorFlow one `l2_loss` (half the sum of squares) each; the new values
+    are computed and checked only when an input is not finite or beyond the
+    bound.
     """
     if BACKEND == "tensorflow":
-        return _compiled_tf("finite", _averages_finite_tf)(olds, students, weight)
+        return _averages_finite_tf(olds, students, weight)
     import torch
 
     with torch.no_grad():
@@ -840,7 +841,10 @@ def _averages_finite_tf(
         return tf.constant(True)
     # As on JAX (`_averages_finite_jax`): a finite sum of squares bounds
     # every input; otherwise the new values are computed and checked.
-    squares = tf.add_n([tf.reduce_sum(x * x) for x in inputs])
+    # TensorFlow's own `l2_loss` kernel reads each value once, vectorised;
+    # XLA's CPU reduction of the same sum, one element after another, took
+    # nine times as long on the 5M weights of benchmarks/averaged_model.py.
+    squares = tf.add_n([tf.nn.l2_loss(x) for x in inputs])
     return tf.cond(
         tf.math.is_finite(squares),
         lambda: tf.constant(True),
