@@ -13,7 +13,15 @@ in five variants, interleaved one step at a time (`harness.time_interleaved`):
 - `averaged_no_update`: the same model, with the wrapper's `trainable` set to
   `False` before compiling: its one-sample forward pass and the same wiring,
   no update (the update is not even built);
-- `averaged_batch`: the wrapper called on the whole batch (a real teacher).
+- `averaged_batch`: the wrapper called on the whole batch (a real teacher);
+- `averaged_unguarded`: as `averaged`, with `guard_non_finite=False`: the
+  update without its exact finiteness check, for information (the floor of
+  the update on this wiring);
+- `teacher_in_loss` and `teacher_in_loss_no_update`: Mean Teacher's wiring,
+  for information: the same one-sample teacher, whose output minus the
+  student's (first sample) is a second output with a mean-squared loss, so
+  that the student's gradients wait for the teacher's output; with the
+  update, and with the wrapper's `trainable` off.
 
 The headline, `averaged_increment_over_use_ema` (goal: at most 1.2), is the
 per-step cost of the averaging update over the per-step cost of use_ema's:
@@ -63,7 +71,16 @@ CLASSES = 10
 DECAY = 0.999
 GOAL_INCREMENT_OVER_USE_EMA = 1.2
 GOAL_EXTRA_COPIES = 1.0
-VARIANTS = ["plain", "use_ema", "averaged", "averaged_no_update", "averaged_batch"]
+VARIANTS = [
+    "plain",
+    "use_ema",
+    "averaged",
+    "averaged_no_update",
+    "averaged_batch",
+    "averaged_unguarded",
+    "teacher_in_loss",
+    "teacher_in_loss_no_update",
+]
 
 
 class FirstSample(keras.layers.Layer):
@@ -87,16 +104,31 @@ def build(variant: str, widths: list[int]) -> tuple[keras.Model, Any]:
         )
         student.compile(optimizer=optimizer, loss=loss)
         return student, None
-    averaged = AveragedModel(student, decay=DECAY)
+    averaged = AveragedModel(
+        student, decay=DECAY, guard_non_finite=variant != "averaged_unguarded"
+    )
     inputs = keras.Input((widths[0],))
     teacher_inputs = inputs if variant == "averaged_batch" else FirstSample()(inputs)
-    model = keras.Model(inputs, [student(inputs), averaged(teacher_inputs)])
-    if variant == "averaged_no_update":
+    outputs = student(inputs)
+    teacher = averaged(teacher_inputs)
+    second_loss = None
+    if variant.startswith("teacher_in_loss"):
+        teacher = keras.layers.Subtract()([FirstSample()(outputs), teacher])
+        second_loss = "mse"
+    model = keras.Model(inputs, [outputs, teacher])
+    if variant.endswith("no_update"):
         # Not `training=False` in the call above: the functional model passes
         # its own `training=True` on to the wrapper in `train_on_batch`.
         averaged.trainable = False
-    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=[loss, None])
+    model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=[loss, second_loss])
     return model, averaged
+
+
+def targets(variant: str, y: np.ndarray) -> Any:
+    """`y`, and zeros for the teacher's gap where a loss takes it."""
+    if variant.startswith("teacher_in_loss"):
+        return [y, np.zeros((1, CLASSES), "float32")]
+    return y
 
 
 def nbytes(variables) -> int:
@@ -167,7 +199,7 @@ def main(argv=None):
     runs, models, wrappers = {}, {}, {}
     for variant in VARIANTS:
         models[variant], wrappers[variant] = build(variant, widths)
-        runs[variant] = harness.train_step(models[variant], x, y)
+        runs[variant] = harness.train_step(models[variant], x, targets(variant, y))
     timed = harness.time_interleaved(runs, steps=1, rounds=rounds, warmup=warmup)
     student = wrappers["averaged"].layer
     parameters = sum(int(np.prod(v.shape)) for v in student.trainable_variables)
@@ -181,6 +213,14 @@ def main(argv=None):
     update = increments(timed, "averaged", "averaged_no_update")
     ratios = {
         "averaged_increment_over_use_ema": increment_ratio(update, use_ema_increment),
+        "unguarded_increment_over_use_ema": increment_ratio(
+            increments(timed, "averaged_unguarded", "averaged_no_update"),
+            use_ema_increment,
+        ),
+        "teacher_in_loss_increment_over_use_ema": increment_ratio(
+            increments(timed, "teacher_in_loss", "teacher_in_loss_no_update"),
+            use_ema_increment,
+        ),
         "with_teacher_over_use_ema": increment_ratio(
             increments(timed, "averaged", "plain"), use_ema_increment
         ),

@@ -577,6 +577,7 @@ def averaged_model(backend: str, record: dict) -> Section:
         ),
         f"- the update alone: {ms(ratios['update_alone_s'])} ms, use_ema's "
         f"increment: {ms(ratios['use_ema_increment_s'])} ms",
+        *informative_increments(ratios),
         "- with the one-sample teacher forward and the wiring, (averaged − "
         f"plain) ÷ (use_ema − plain): {times(ratios['with_teacher_over_use_ema'])}"
         " (for information)",
@@ -608,6 +609,22 @@ def averaged_model(backend: str, record: dict) -> Section:
         ),
     ]
     return lines, heads
+
+
+def informative_increments(ratios: dict) -> list[str]:
+    """The update's increment without its check, and in Mean Teacher's wiring."""
+    labels = {
+        "unguarded_increment_over_use_ema": "without the finiteness check "
+        "(`guard_non_finite=False`)",
+        "teacher_in_loss_increment_over_use_ema": "with the teacher's output in "
+        "the loss (Mean Teacher's wiring)",
+    }
+    return [
+        f"- the update {label}, ÷ use_ema's increment: {times(ratios[key])} "
+        "(for information)"
+        for key, label in labels.items()
+        if key in ratios
+    ]
 
 
 def sync_batch_norm(backend: str, record: dict) -> Section:
