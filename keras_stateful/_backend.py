@@ -842,8 +842,9 @@ def _averages_finite_tf(
     # As on JAX (`_averages_finite_jax`): a finite sum of squares bounds
     # every input; otherwise the new values are computed and checked.
     # TensorFlow's own `l2_loss` kernel reads each value once, vectorised;
-    # XLA's CPU reduction of the same sum, one element after another, took
-    # nine times as long on the 5M weights of benchmarks/averaged_model.py.
+    # XLA's CPU reduction of the same sum, one element after another, takes
+    # about four times as long on the 5M weights of the AveragedModel
+    # benchmark (benchmarks/profiles/averaged_model_check_tf.py).
     squares = tf.add_n([tf.nn.l2_loss(x) for x in inputs])
     return tf.cond(
         tf.math.is_finite(squares),
